@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Create .venv and install DraftFlow with what its tests need.
+#   scripts/setup.sh          the product (draftflow up)
+#   scripts/setup.sh --test   plus test tools, PostgreSQL driver, grpcurl, docker-compose
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+need_apt=()
+# Mooncake's transfer engine links libibverbs even when only TCP is used.
+ldconfig -p | grep -q 'libibverbs.so.1 ' || need_apt+=(libibverbs1)
+if [ $want_test = 1 ]; then
+  command -v docker-compose >/dev/null || need_apt+=(docker-compose)
+  command -v ip >/dev/null || need_apt+=(iproute2)
+fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "installing system packages: ${need_apt[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    echo "missing system packages: ${need_apt[*]}; run: sudo apt-get install ${need_apt[*]}" >&2
+    exit 1
+  fi
+fi
+
+stamp="$VENV/.draftflow-installed"
+extras="mooncake,postgres"
+[ $want_test = 1 ] && extras="test"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || ! grep -qx "$extras" "$stamp"; then
+  "$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_SPEC"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[$extras]"
+  echo "$extras" > "$stamp"
+fi
+echo "ready: $VENV/bin/draftflow"

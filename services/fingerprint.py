@@ -1,0 +1,27 @@
+"""The run fingerprint: a hash of everything that changes what a captured feature means."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from services.api import run_pb2
+
+
+def vocab_map_hash(d2t: list[int], draft_token_ids: list[int]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([list(d2t), list(draft_token_ids)]).encode())
+    return h.hexdigest()[:16]
+
+
+def run_fingerprint(config: run_pb2.RunConfig, vocab_hash: str) -> str:
+    """Target revision, capture layers, max length, chat template, tokenizer and vocab map."""
+    material = {
+        "revision": config.target.revision,
+        "aux_layer_ids": list(config.capture.aux_layer_ids),
+        "max_length": config.capture.max_length,
+        "chat_template": config.capture.chat_template,
+        "tokenizer": config.target.tokenizer_hash,
+        "vocab_map": vocab_hash,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
