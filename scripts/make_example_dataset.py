@@ -103,7 +103,8 @@ def arithmetic(rng: random.Random) -> Turns:
     kind = rng.choice(["give", "buy", "share"])
     if kind == "give":
         q = f"{name} has {a + b} {many} and gives {b} to {other}. How many {many} are left?"
-        ans = f"{name} starts with {a + b} and gives away {b}, so {a + b} - {b} = {a} {many} remain."
+        ans = (f"{name} starts with {a + b} and gives away {b}, "
+               f"so {a + b} - {b} = {a} {many} remain.")
     elif kind == "buy":
         price = rng.randint(2, 9)
         q = f"One {one} costs {price} dollars. How much do {a} {many} cost?"
