@@ -11,7 +11,9 @@ import importlib
 import sys
 
 # Modules that contribute subcommands, in the order --help lists them.
-_COMMAND_MODULES = ("draftflow.up_cli", "coordinator.cli", "producer.cli", "trainer.cli")
+_COMMAND_MODULES = (
+    "draftflow.up_cli", "coordinator.cli", "producer.cli", "trainer.cli", "draftflow.health_cli",
+)
 
 EPILOG = """\
 Start here:
