@@ -16,7 +16,7 @@ _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
 
 def event(action: str, **ids: Any) -> dict[str, Any]:
-    """Return the ``extra=`` mapping for a log call: ``log.info("...", extra=event("lease", run_id=r))``."""
+    """The ``extra=`` mapping of a log call: ``log.info("..", extra=event("lease", run_id=r))``."""
     return {"action": action, **{k: v for k, v in ids.items() if v is not None}}
 
 
@@ -44,7 +44,9 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         fields = " ".join(
-            f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")
+            f"{k}={v}"
+            for k, v in vars(record).items()
+            if k not in _STANDARD and not k.startswith("_")
         )
         base = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} {record.name}: "
         text = base + record.getMessage() + (f"  {fields}" if fields else "")

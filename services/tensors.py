@@ -32,7 +32,9 @@ def dtype_of(tensor: torch.Tensor) -> int:
         return TORCH_TO_DTYPE[tensor.dtype]
     except KeyError:
         supported = ", ".join(str(d) for d in TORCH_TO_DTYPE)
-        raise InvalidArgument(f"dtype {tensor.dtype} is not supported; use one of {supported}")
+        raise InvalidArgument(
+            f"dtype {tensor.dtype} is not supported; use one of {supported}"
+        ) from None
 
 
 def sample_prefix(store_id: str, run_id: str, sample_id: str) -> str:

@@ -64,7 +64,7 @@ def is_loopback(listen: str) -> bool:
 
 def _wrap(handler: grpc.RpcMethodHandler, guard: Callable[[Any, grpc.ServicerContext], None]
           ) -> grpc.RpcMethodHandler:
-    """Return ``handler`` with ``guard(request, context)`` run before it, for unary and stream calls.
+    """Return ``handler`` with ``guard(request, context)`` run first, for unary and stream calls.
 
     ``guard`` may raise ``DraftflowError``; it becomes the call's status.
     """
@@ -200,14 +200,19 @@ def create_server(
     return running
 
 
-def serve_until_signalled(running: RunningServer, grace: float = 5.0,
-                          on_stop: Callable[[], None] | None = None) -> None:
-    """Block until SIGTERM or SIGINT, then shut down gracefully."""
+def wait_for_signal() -> None:
+    """Block until SIGTERM or SIGINT."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    log.info("shutting down", extra=event("shutdown", port=running.port))
+    log.info("signal received, shutting down", extra=event("shutdown"))
+
+
+def serve_until_signalled(running: RunningServer, grace: float = 5.0,
+                          on_stop: Callable[[], None] | None = None) -> None:
+    """Block until SIGTERM or SIGINT, then report NOT_SERVING and stop gracefully."""
+    wait_for_signal()
     if on_stop is not None:
         on_stop()
     running.stop(grace)
