@@ -1,0 +1,140 @@
+"""The capture-engine contract: token sequences in, EAGLE3 hidden states out, one result per input.
+
+Public methods hold the guards (input validation, result shape checks, closed state); engines fill
+the ``_``-prefixed hooks. The hf engine runs transformers in process; the sglang engine plugs into
+the same contract.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+class EngineError(RuntimeError):
+    """The engine cannot be built or cannot capture; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What every capture engine needs to load a target; engines ignore fields they cannot use."""
+
+    model_path: str
+    """Local directory of the target model (Hugging Face layout)."""
+    device: str = "auto"
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    dtype: str = "auto"
+    """``auto`` (bfloat16 on GPU, float32 on CPU), ``bfloat16``, ``float16`` or ``float32``."""
+    aux_layer_ids: tuple[int, ...] | None = None
+    """Three distinct layers in [0, N-2] for ``aux_hidden_state``; default [1, N//2-1, N-4]."""
+    token_budget: int = 8192
+    """Most padded tokens (rows x longest row) in one forward pass; longer sequences run alone."""
+
+
+@dataclass(frozen=True)
+class CapturedFeatures:
+    """Hidden states of one sequence, unpadded."""
+
+    aux_hidden_state: torch.Tensor
+    """[L, 3H]: outputs of the three aux layers, concatenated in the configured order."""
+    hidden_state: torch.Tensor
+    """[L, H]: the final hidden state after the model's last norm (what lm_head reads)."""
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.hidden_state.shape[0])
+
+
+class CaptureEngine(ABC):
+    """Runs the frozen target model over token sequences and returns their hidden states."""
+
+    name: str = "base"
+
+    def __init__(self) -> None:
+        self._closed = False
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """Where the model runs."""
+
+    @property
+    @abstractmethod
+    def dtype(self) -> torch.dtype:
+        """The dtype of the captured hidden states (the model's compute dtype)."""
+
+    @property
+    @abstractmethod
+    def num_layers(self) -> int:
+        """Decoder layers of the target."""
+
+    @property
+    @abstractmethod
+    def hidden_size(self) -> int:
+        """Hidden size H of the target."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Rows of the target's embedding: every token id must be below this."""
+
+    @property
+    @abstractmethod
+    def aux_layer_ids(self) -> list[int]:
+        """The three layers whose outputs form ``aux_hidden_state``, in order."""
+
+    def capture(self, batch: Sequence[Sequence[int]]) -> list[CapturedFeatures]:
+        """Capture every sequence of ``batch``; result ``i`` belongs to ``batch[i]``."""
+        if self._closed:
+            raise EngineError(f"{self.name} engine is closed; create a new one")
+        seqs: list[list[int]] = []
+        for i, seq in enumerate(batch):
+            ids = [int(t) for t in seq]
+            if not ids:
+                raise EngineError(f"batch[{i}] is empty; every sequence needs at least one token")
+            bad = [t for t in ids if t < 0 or t >= self.vocab_size]
+            if bad:
+                raise EngineError(
+                    f"batch[{i}] has token ids {bad[:5]} outside the target vocabulary "
+                    f"[0, {self.vocab_size}); was it tokenized with another tokenizer?"
+                )
+            seqs.append(ids)
+        if not seqs:
+            return []
+        results = self._capture(seqs)
+        if len(results) != len(seqs):
+            raise EngineError(f"{self.name} engine returned {len(results)} results "
+                              f"for {len(seqs)} sequences")
+        h = self.hidden_size
+        for i, (ids, res) in enumerate(zip(seqs, results, strict=True)):
+            n = len(ids)
+            if (tuple(res.aux_hidden_state.shape) != (n, 3 * h)
+                    or tuple(res.hidden_state.shape) != (n, h)):
+                raise EngineError(
+                    f"{self.name} engine returned shapes aux {tuple(res.aux_hidden_state.shape)}, "
+                    f"hidden {tuple(res.hidden_state.shape)} for batch[{i}] of {n} tokens; "
+                    f"expected ({n}, {3 * h}) and ({n}, {h})"
+                )
+        return results
+
+    def close(self) -> None:
+        """Release the model; further captures are refused. Safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            self._close()
+
+    def __enter__(self) -> CaptureEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @abstractmethod
+    def _capture(self, seqs: list[list[int]]) -> list[CapturedFeatures]:
+        """Capture validated, non-empty sequences."""
+
+    def _close(self) -> None:  # noqa: B027 - engines without resources need nothing here
+        """Free the engine's resources."""
