@@ -1,0 +1,210 @@
+"""The coordinator over real gRPC sockets: the whole protocol, auth, limits, health, grpcurl."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import create_engine, text
+
+from coordinator.server import CoordinatorConfig, CoordinatorProcess
+from services.api import common_pb2, coordinator_pb2 as cpb, coordinator_pb2_grpc
+from services.rpc.client import open_channel
+from services.rpc.server import ServerConfig
+from tests.conftest import PG_ADMIN_URL
+from tests.coordinator import helpers as h
+
+GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+
+
+def create(stub: coordinator_pb2_grpc.CoordinatorServiceStub, n: int = 4, **cfg: object
+           ) -> cpb.RunConfig:
+    config = h.run_config(**cfg)
+    stub.CreateRun(cpb.CreateRunRequest(run_id="r1", config=config, dataset_lines=h.dataset(n),
+                                        vocab_map=h.vocab_map()))
+    return config
+
+
+def register(stub, config, role: int) -> str:  # type: ignore[no-untyped-def]
+    return stub.RegisterWorker(cpb.RegisterWorkerRequest(
+        run_id="r1", role=role, fingerprint=h.fingerprint(config), identity="test")).session_id
+
+
+def test_full_protocol_over_grpc(stub: coordinator_pb2_grpc.CoordinatorServiceStub) -> None:
+    config = create(stub, n=4, accum=2)
+    pid = register(stub, config, common_pb2.WORKER_ROLE_PRODUCER)
+    leases = stub.LeasePrompts(cpb.LeasePromptsRequest(session_id=pid, max_prompts=8)).leases
+    res = stub.CommitSamples(cpb.CommitSamplesRequest(
+        session_id=pid, samples=[h.commit(le, "r1") for le in leases]))
+    assert [r.status for r in res.results] == [cpb.COMMIT_STATUS_ACCEPTED] * 4
+    tid = register(stub, config, common_pb2.WORKER_ROLE_TRAINER)
+    stream = stub.StreamSteps(cpb.StreamStepsRequest(session_id=tid, rank=0, from_step=1,
+                                                     prefetch=1))
+    seen = []
+    for msg in stream:
+        if msg.end_of_data:
+            assert msg.tail == cpb.TAIL_STATE_END_OF_DATA
+            break
+        seen.extend(r.sample_id for r in msg.refs)
+        stub.CommitStep(cpb.CommitStepRequest(session_id=tid, step=msg.step, loss=1.0))
+    assert sorted(seen) == sorted(le.sample_id for le in leases)
+    status = stub.GetRunStatus(cpb.GetRunStatusRequest(run_id="r1")).status
+    assert status.state == cpb.RUN_STATE_COMPLETED
+    assert status.samples["TRAINED"] == 4 and status.last_committed_step == 2
+
+
+def test_errors_map_to_status_codes_with_messages(
+        stub: coordinator_pb2_grpc.CoordinatorServiceStub) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetRunStatus(cpb.GetRunStatusRequest(run_id="missing"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert err.value.details() == (
+        "run 'missing' does not exist; list runs with `draftflow run list`")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetRunStatus(cpb.GetRunStatusRequest(run_id="bad id!"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    config = create(stub)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.RegisterWorker(cpb.RegisterWorkerRequest(
+            run_id="r1", role=common_pb2.WORKER_ROLE_PRODUCER, fingerprint="nope"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "nope" in err.value.details() and h.fingerprint(config) in err.value.details()
+    tid = register(stub, config, common_pb2.WORKER_ROLE_TRAINER)
+    stream = stub.StreamSteps(cpb.StreamStepsRequest(session_id=tid, rank=5, from_step=1))
+    with pytest.raises(grpc.RpcError) as err:
+        next(iter(stream))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "rank: 5 is outside [0, 1)" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CommitStep(cpb.CommitStepRequest(session_id=tid, step=3))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_oversized_message_is_rejected(server: CoordinatorProcess) -> None:
+    ch = grpc.insecure_channel(f"127.0.0.1:{server.port}",
+                               options=[("grpc.max_send_message_length", 200 * 2**20)])
+    stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateRun(cpb.CreateRunRequest(run_id="big", dataset_lines=["x" * (65 * 2**20)]))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    ch.close()
+    stub2 = coordinator_pb2_grpc.CoordinatorServiceStub(open_channel(f"127.0.0.1:{server.port}"))
+    assert stub2.ListRuns(cpb.ListRunsRequest()).runs == []
+
+
+def test_bearer_token_required_but_health_stays_open(sqlite_url: str) -> None:
+    proc = CoordinatorProcess(CoordinatorConfig(
+        db_url=sqlite_url, server=ServerConfig(listen="127.0.0.1:0", auth_token="s3cret")))
+    try:
+        target = f"127.0.0.1:{proc.port}"
+        for token in (None, "wrong"):
+            ch = open_channel(target, token=token or "")
+            with pytest.raises(grpc.RpcError) as err:
+                coordinator_pb2_grpc.CoordinatorServiceStub(ch).ListRuns(cpb.ListRunsRequest())
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            stream = coordinator_pb2_grpc.CoordinatorServiceStub(ch).WatchRunStatus(
+                cpb.WatchRunStatusRequest(run_id="r1"))
+            with pytest.raises(grpc.RpcError) as err:
+                next(iter(stream))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        ok = open_channel(target, token="s3cret")
+        assert coordinator_pb2_grpc.CoordinatorServiceStub(ok).ListRuns(
+            cpb.ListRunsRequest()).runs == []
+    finally:
+        proc.stop(0.5)
+
+
+def test_listening_beyond_loopback_needs_a_token(sqlite_url: str) -> None:
+    with pytest.raises(ValueError, match="without authentication"):
+        CoordinatorProcess(CoordinatorConfig(
+            db_url=sqlite_url, server=ServerConfig(listen="0.0.0.0:0")))
+
+
+@pytest.mark.postgres
+def test_health_is_not_serving_while_the_database_is_unreachable(pg_url: str) -> None:
+    proc = CoordinatorProcess(CoordinatorConfig(
+        db_url=pg_url, server=ServerConfig(listen="127.0.0.1:0"), reap_seconds=0.1))
+    try:
+        health = health_pb2_grpc.HealthStub(open_channel(f"127.0.0.1:{proc.port}"))
+        req = health_pb2.HealthCheckRequest(service="draftflow.v1.CoordinatorService")
+        assert health.Check(req).status == health_pb2.HealthCheckResponse.SERVING
+        name = pg_url.rsplit("/", 1)[1]
+        admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:  # the database disappears under the coordinator
+            conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        deadline = time.monotonic() + 10
+        while health.Check(req).status == health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "health never went NOT_SERVING"
+            time.sleep(0.1)
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        admin.dispose()
+        deadline = time.monotonic() + 10
+        while health.Check(req).status != health_pb2.HealthCheckResponse.SERVING:
+            assert time.monotonic() < deadline, "health never came back"
+            time.sleep(0.1)
+    finally:
+        proc.stop(0.5)
+
+
+def test_watch_run_status_streams_until_completion(
+        stub: coordinator_pb2_grpc.CoordinatorServiceStub) -> None:
+    config = create(stub, n=1)
+    updates = []
+
+    def watch() -> None:
+        for msg in stub.WatchRunStatus(cpb.WatchRunStatusRequest(run_id="r1",
+                                                                 interval_seconds=0.1)):
+            updates.append(msg.status)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    pid = register(stub, config, common_pb2.WORKER_ROLE_PRODUCER)
+    lease = stub.LeasePrompts(cpb.LeasePromptsRequest(session_id=pid, max_prompts=1)).leases[0]
+    stub.CommitSamples(cpb.CommitSamplesRequest(session_id=pid, samples=[h.commit(lease, "r1")]))
+    tid = register(stub, config, common_pb2.WORKER_ROLE_TRAINER)
+    for msg in stub.StreamSteps(cpb.StreamStepsRequest(session_id=tid, rank=0, from_step=1)):
+        if msg.end_of_data:
+            break
+        stub.CommitStep(cpb.CommitStepRequest(session_id=tid, step=msg.step))
+    t.join(timeout=10)
+    assert not t.is_alive()
+    assert updates[0].prompts["PENDING"] == 1
+    assert updates[-1].state == cpb.RUN_STATE_COMPLETED
+
+
+def _grpcurl(*args: str) -> str:
+    out = subprocess.run([GRPCURL, "-plaintext", *args], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_grpcurl_lists_services_and_reads_status(
+        server: CoordinatorProcess, stub: coordinator_pb2_grpc.CoordinatorServiceStub) -> None:
+    target = f"127.0.0.1:{server.port}"
+    services = _grpcurl(target, "list").split()
+    assert "draftflow.v1.CoordinatorService" in services
+    assert "grpc.health.v1.Health" in services
+    methods = _grpcurl(target, "list", "draftflow.v1.CoordinatorService").split()
+    assert "draftflow.v1.CoordinatorService.StreamSteps" in methods
+    create(stub, n=3, epochs=2)
+    status = json.loads(_grpcurl("-d", '{"run_id": "r1"}', target,
+                                 "draftflow.v1.CoordinatorService/GetRunStatus"))["status"]
+    assert status["run_id"] == "r1"
+    assert status["state"] == "RUN_STATE_ACTIVE"
+    assert status["prompts"]["PENDING"] == "6"
+    out = subprocess.run([GRPCURL, "-plaintext", "-d", '{"run_id": "nope"}', target,
+                          "draftflow.v1.CoordinatorService/GetRunStatus"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "NotFound" in out.stderr
