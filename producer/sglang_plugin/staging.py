@@ -1,0 +1,100 @@
+"""One long-lived host buffer that every scheduler batch's features are copied into.
+
+Registering memory with the store's transfer engine is slow, so the buffer is allocated and
+registered once and reused by every batch; it grows (and is re-registered) only when a batch needs
+more bytes than it holds. It is page-locked when CUDA is present so device-to-host copies run
+asynchronously and the store can read it without another copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from services.logs import event
+
+log = logging.getLogger(__name__)
+_ALIGN = 64
+
+
+def align(nbytes: int) -> int:
+    """Round up so every tensor view starts on a cache-line boundary."""
+    return (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+class HostStaging:
+    """A reusable byte buffer handed out as typed views, reset after every batch."""
+
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        register: Callable[[torch.Tensor], None] | None = None,
+        unregister: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
+        if capacity <= 0:
+            raise ValueError(f"staging capacity must be > 0 bytes, got {capacity}")
+        self._register = register
+        self._unregister = unregister
+        self._buffer = self._allocate(capacity)
+        self._used = 0
+
+    @property
+    def capacity(self) -> int:
+        return self._buffer.numel()
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The whole buffer (uint8); the store may register it for zero-copy transfers."""
+        return self._buffer
+
+    def ensure(self, nbytes: int) -> None:
+        """Make room for ``nbytes`` in one batch; only call while nothing is handed out."""
+        if self._used:
+            raise RuntimeError("cannot resize the staging buffer while a batch holds views")
+        if nbytes <= self.capacity:
+            return
+        new_capacity = max(nbytes, 2 * self.capacity)
+        log.info(
+            "growing the capture staging buffer from %d to %d bytes",
+            self.capacity,
+            new_capacity,
+            extra=event("staging_grow", capacity=new_capacity),
+        )
+        old = self._buffer
+        if self._unregister is not None:
+            self._unregister(old)
+        self._buffer = self._allocate(new_capacity)
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A view of the next free bytes with ``shape`` and ``dtype``."""
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        end = self._used + nbytes
+        if end > self.capacity:
+            raise RuntimeError(
+                f"staging buffer overflow: {end} > {self.capacity} bytes; call ensure() first"
+            )
+        view = self._buffer[self._used : end].view(dtype).view(shape)
+        self._used = align(end)
+        return view
+
+    def reset(self) -> None:
+        """Forget every view handed out; their bytes will be overwritten by the next batch."""
+        self._used = 0
+
+    def close(self) -> None:
+        if self._unregister is not None:
+            self._unregister(self._buffer)
+        self._register = None
+        self._unregister = None
+
+    def _allocate(self, capacity: int) -> torch.Tensor:
+        buffer = torch.empty(capacity, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        if self._register is not None:
+            self._register(buffer)
+        return buffer
