@@ -47,7 +47,7 @@ def test_defaults_on_cpu(llama_engine: HFEngine) -> None:
 def test_capture_matches_plain_transformers(request: pytest.FixtureRequest, fixture: str) -> None:
     model_dir: Path = request.getfixturevalue(fixture)
     ids = _random_seqs(1, 2048, seed=1)[0] + [5] * 10
-    with create_engine("hf", EngineConfig(model_path=str(model_dir))) as engine:
+    with create_engine("hf", EngineConfig(model_path=str(model_dir), device="cpu")) as engine:
         got = engine.capture([ids])[0]
         aux_ids = engine.aux_layer_ids
     hidden_states = _reference(model_dir, ids)
@@ -92,7 +92,8 @@ def test_small_token_budget_gives_the_same_results(llama_dir: Path,
                                                    llama_engine: HFEngine) -> None:
     seqs = _random_seqs(6, 2048, seed=4)
     wide = llama_engine.capture(seqs)
-    with create_engine("hf", EngineConfig(model_path=str(llama_dir), token_budget=16)) as narrow:
+    cfg = EngineConfig(model_path=str(llama_dir), device="cpu", token_budget=16)
+    with create_engine("hf", cfg) as narrow:
         small = narrow.capture(seqs)
     for a, b in zip(wide, small, strict=True):
         torch.testing.assert_close(a.hidden_state, b.hidden_state, atol=1e-5, rtol=1e-5)
@@ -111,7 +112,7 @@ def test_plan_batches_respects_the_budget() -> None:
 
 def test_custom_aux_layers(llama_dir: Path) -> None:
     ids = _random_seqs(1, 2048, seed=5)[0]
-    cfg = EngineConfig(model_path=str(llama_dir), aux_layer_ids=(6, 0, 2))
+    cfg = EngineConfig(model_path=str(llama_dir), device="cpu", aux_layer_ids=(6, 0, 2))
     with create_engine("hf", cfg) as engine:
         got = engine.capture([ids])[0]
     hidden_states = _reference(llama_dir, ids)
@@ -142,7 +143,7 @@ def test_guards(llama_dir: Path, llama_engine: HFEngine) -> None:
         create_engine("hf", EngineConfig(model_path=str(llama_dir / "nope")))
     with pytest.raises(EngineError, match="dtype 'int8' is not supported"):
         create_engine("hf", EngineConfig(model_path=str(llama_dir), dtype="int8"))
-    engine = create_engine("hf", EngineConfig(model_path=str(llama_dir)))
+    engine = create_engine("hf", EngineConfig(model_path=str(llama_dir), device="cpu"))
     engine.close()
     engine.close()
     with pytest.raises(EngineError, match="hf engine is closed"):
@@ -168,6 +169,25 @@ def test_eagle3_features(llama_tokenizer, llama_engine: HFEngine) -> None:
     other = llama_engine.capture([prompt.input_ids.tolist()[:-1]])[0]
     with pytest.raises(EngineError, match=f"captured {n - 1} positions for a prompt of {n}"):
         eagle3_features(prompt, other)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_capture_matches_transformers_on_gpu(llama_dir: Path) -> None:
+    ids = _random_seqs(1, 2048, seed=7)[0]
+    with create_engine("hf", EngineConfig(model_path=str(llama_dir))) as gpu:
+        got = gpu.capture([ids])[0]
+        aux_ids = gpu.aux_layer_ids
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).cuda().eval()
+    with torch.inference_mode():
+        out = model(torch.tensor([ids], device="cuda"),
+                    attention_mask=torch.ones(1, len(ids), dtype=torch.long, device="cuda"),
+                    output_hidden_states=True)
+    hs = [h[0].cpu() for h in out.hidden_states]
+    # Same device, dtype and inputs; GPU kernels may still reorder sums, so compare in bf16 ulps.
+    torch.testing.assert_close(got.aux_hidden_state, torch.cat([hs[i + 1] for i in aux_ids], -1),
+                               atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got.hidden_state, hs[-1], atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu
