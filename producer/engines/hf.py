@@ -70,7 +70,7 @@ class HFEngine(CaptureEngine):
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__()
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         path = Path(config.model_path)
         if not (path / "config.json").is_file():
@@ -81,19 +81,10 @@ class HFEngine(CaptureEngine):
         self._device = resolve_device(config.device)
         self._dtype = resolve_dtype(config.dtype, self._device)
         self._token_budget = config.token_budget
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=self._dtype)
-        model.to(self._device).eval().requires_grad_(False)
-        self._model = model
-        self._decoder = model.get_decoder()
-        layers = getattr(self._decoder, "layers", None)
-        if layers is None:
-            raise EngineError(f"{type(model).__name__} has no decoder .layers; the hf engine "
-                              "supports decoder-only models such as Llama and Qwen3")
-        self._layers = layers
-        text_config = model.config.get_text_config()
+        # Validate the capture layers from config.json before spending time on the weights.
+        text_config = AutoConfig.from_pretrained(path).get_text_config()
         self._num_layers = int(text_config.num_hidden_layers)
         self._hidden_size = int(text_config.hidden_size)
-        self._vocab_size = int(model.get_input_embeddings().num_embeddings)
         aux = (list(config.aux_layer_ids) if config.aux_layer_ids is not None
                else default_aux_layers(self._num_layers))
         try:
@@ -101,6 +92,17 @@ class HFEngine(CaptureEngine):
         except ConfigError as exc:
             raise EngineError(str(exc)) from None
         self._aux = aux
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self._dtype)
+        model.to(self._device).eval().requires_grad_(False)
+        self._model = model
+        self._decoder = model.get_decoder()
+        layers = getattr(self._decoder, "layers", None)
+        if layers is None or len(layers) != self._num_layers:
+            raise EngineError(f"{type(model).__name__} has no decoder .layers list of "
+                              f"{self._num_layers} layers; the hf engine supports decoder-only "
+                              "models such as Llama and Qwen3")
+        self._layers = layers
+        self._vocab_size = int(model.get_input_embeddings().num_embeddings)
         self._pad_id = int(getattr(text_config, "pad_token_id", None) or 0)
         log.info("capture engine ready", extra=event(
             "engine_ready", engine=self.name, model=str(path), device=str(self._device),
