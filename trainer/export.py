@@ -1,0 +1,43 @@
+"""Export a trained draft into a servable directory, atomically (temp dir, fsync, rename)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from trainer.loop import Trainer
+
+
+def export_draft(trainer: Trainer, out_dir: str | Path, overwrite: bool = False) -> list[str]:
+    """Write the strategy's servable files for ``trainer``'s model into ``out_dir``.
+
+    Returns the tensor names written. An existing ``out_dir`` is refused unless ``overwrite``,
+    in which case it is replaced only once the new export is complete.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True or choose another directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        names = trainer.strategy.export(trainer.model, tmp, trainer.settings)
+        for f in tmp.iterdir():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(out, old)
+        os.rename(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return names
