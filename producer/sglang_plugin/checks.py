@@ -128,8 +128,7 @@ def check_ref(
     layers = tuple(ref.get("aux_layer_ids") or ())
     if layers != expected.aux_layer_ids:
         return RefVerdict(
-            reason=f"aux layers {list(layers)} differ from the run's "
-            f"{list(expected.aux_layer_ids)}"
+            reason=f"aux layers {list(layers)} differ from the run's {list(expected.aux_layer_ids)}"
         )
     try:
         specs = tuple(wire.spec_from_wire(t) for t in ref.get("tensors") or ())

@@ -32,7 +32,7 @@ from producer.sglang_plugin.staging import HostStaging, align
 from producer.sglang_plugin.writer import (
     BatchWriteFailed,
     BatchWriter,
-    RegistersHostBuffers,
+    RegisteredMemory,
     SampleWrite,
 )
 from services.logs import event
@@ -217,12 +217,12 @@ class CaptureHooks:
     def _ensure_writer(self) -> tuple[BatchWriter, HostStaging]:
         if self._writer is None or self._staging is None:
             store = self._open_store()
-            register = unregister = None
-            if isinstance(store, RegistersHostBuffers):
-                register, unregister = store.register_buffer, store.unregister_buffer
-            self._staging = HostStaging(
-                self._staging_bytes, register=register, unregister=unregister
-            )
+            if isinstance(store, RegisteredMemory):
+                self._staging = HostStaging(
+                    self._staging_bytes, lambda n: store.empty((n,), torch.uint8)
+                )
+            else:
+                self._staging = HostStaging(self._staging_bytes)
             self._writer = BatchWriter(store)
         return self._writer, self._staging
 

@@ -1,9 +1,10 @@
 """One long-lived host buffer that every scheduler batch's features are copied into.
 
-Registering memory with the store's transfer engine is slow, so the buffer is allocated and
-registered once and reused by every batch; it grows (and is re-registered) only when a batch needs
-more bytes than it holds. It is page-locked when CUDA is present so device-to-host copies run
-asynchronously and the store can read it without another copy.
+Registering memory with the store's transfer engine is slow, so the buffer comes from memory the
+store has already registered (``RegisteredMemory.empty``, Mooncake's arena) where the store offers
+it, and is reused by every batch: the store then sends straight from it, without a staging copy of
+its own. Other stores get a page-locked buffer (when CUDA is present, so device-to-host copies run
+asynchronously). The buffer grows only when a batch needs more bytes than it holds.
 """
 
 from __future__ import annotations
@@ -24,21 +25,21 @@ def align(nbytes: int) -> int:
     return (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
+def pinned_bytes(nbytes: int) -> torch.Tensor:
+    """A flat uint8 host buffer, page-locked when CUDA is present."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+
+
 class HostStaging:
     """A reusable byte buffer handed out as typed views, reset after every batch."""
 
     def __init__(
-        self,
-        capacity: int,
-        *,
-        register: Callable[[torch.Tensor], None] | None = None,
-        unregister: Callable[[torch.Tensor], None] | None = None,
+        self, capacity: int, allocate: Callable[[int], torch.Tensor] = pinned_bytes
     ) -> None:
         if capacity <= 0:
             raise ValueError(f"staging capacity must be > 0 bytes, got {capacity}")
-        self._register = register
-        self._unregister = unregister
-        self._buffer = self._allocate(capacity)
+        self._allocate = allocate
+        self._buffer = allocate(capacity)
         self._used = 0
 
     @property
@@ -47,7 +48,7 @@ class HostStaging:
 
     @property
     def buffer(self) -> torch.Tensor:
-        """The whole buffer (uint8); the store may register it for zero-copy transfers."""
+        """The whole buffer (uint8)."""
         return self._buffer
 
     def ensure(self, nbytes: int) -> None:
@@ -63,10 +64,14 @@ class HostStaging:
             new_capacity,
             extra=event("staging_grow", capacity=new_capacity),
         )
-        old = self._buffer
-        if self._unregister is not None:
-            self._unregister(old)
-        self._buffer = self._allocate(new_capacity)
+        old_capacity = self.capacity
+        # Registered memory is finite: give the old buffer back before taking a larger one.
+        del self._buffer
+        try:
+            self._buffer = self._allocate(new_capacity)
+        except Exception:
+            self._buffer = self._allocate(old_capacity)
+            raise
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A view of the next free bytes with ``shape`` and ``dtype``."""
@@ -86,15 +91,3 @@ class HostStaging:
     def reset(self) -> None:
         """Forget every view handed out; their bytes will be overwritten by the next batch."""
         self._used = 0
-
-    def close(self) -> None:
-        if self._unregister is not None:
-            self._unregister(self._buffer)
-        self._register = None
-        self._unregister = None
-
-    def _allocate(self, capacity: int) -> torch.Tensor:
-        buffer = torch.empty(capacity, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
-        if self._register is not None:
-            self._register(buffer)
-        return buffer

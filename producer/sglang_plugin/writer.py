@@ -1,9 +1,9 @@
 """Write one scheduler batch of samples to the feature store: all of it, or none of it.
 
-A store that can move a whole batch in one transfer (``BatchPutStore``: Mooncake's
-``batch_put_from`` over a registered buffer) gets the batch in one call; any other ``FeatureStore``
-gets one ``put_sample`` per sample. Either way a failure removes every key the batch could have
-written before the error is reported, so no half-written sample stays behind.
+A store that can move a whole batch in one transfer (``BatchPutStore``) gets the batch in one
+call; any other ``FeatureStore`` gets one ``put_sample`` per sample (for Mooncake: one batched
+transfer per sample, straight from registered memory). Either way a failure removes every key
+the batch could have written before the error is reported, so no half-written sample stays.
 """
 
 from __future__ import annotations
@@ -44,12 +44,11 @@ class BatchPutStore(Protocol):
 
 
 @runtime_checkable
-class RegistersHostBuffers(Protocol):
-    """A store whose transfer engine reads host memory only after it is registered."""
+class RegisteredMemory(Protocol):
+    """A store that hands out host memory its transfer engine already registered; a put of a
+    tensor inside that memory is sent in place (Mooncake's arena)."""
 
-    def register_buffer(self, buffer: torch.Tensor) -> None: ...
-
-    def unregister_buffer(self, buffer: torch.Tensor) -> None: ...
+    def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor: ...
 
 
 class BatchWriteFailed(Exception):

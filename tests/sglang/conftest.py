@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 
 import pytest
 import torch
 
 import producer.sglang_plugin as plugin
+from producer.sglang_plugin import wire
 from producer.sglang_plugin.hooks import CaptureHooks
 from services.api import common_pb2
+from services.store import open_store
 from services.store.base import FeatureLost, FeatureStore
 from services.tensors import dtype_of, make_key, tensor_checksum
 from tests.sglang import fakes
@@ -19,8 +22,8 @@ AUX_LAYERS = [1, 3, 4]
 
 
 class DictStore(FeatureStore):
-    """The ``FeatureStore`` contract over a dict, used where ``services.store`` has no
-    ``open_store`` yet; it records every put and remove so tests can count them."""
+    """The ``FeatureStore`` contract over a dict that records every put and remove, for tests
+    that count them or inject failures (the same paths also run on the real stores)."""
 
     def __init__(self, store_id: str = "st") -> None:
         self.store_id = store_id
@@ -71,13 +74,36 @@ class DictStore(FeatureStore):
 
 @pytest.fixture
 def store() -> FeatureStore:
-    """The in-memory feature store (the real backend when it exists)."""
-    from services import store as store_pkg
+    """A fresh in-memory feature store with store id ``st``."""
+    return open_store(f"memory://sglang-{uuid.uuid4().hex}?store_id=st")
 
-    open_store = getattr(store_pkg, "open_store", None)
-    if open_store is not None:
-        return open_store("memory://st")
-    return DictStore("st")
+
+def absent(store: FeatureStore, sample_id: str, num_tokens: int, run_id: str = "run1") -> bool:
+    """True when none of the plugin's tensors for ``run_id/sample_id/g0`` is in the store."""
+    shapes = {
+        wire.INPUT_IDS: (common_pb2.DTYPE_INT64, [num_tokens], 8),
+        wire.AUX_HIDDEN_STATE: (common_pb2.DTYPE_BFLOAT16, [num_tokens, 3 * HIDDEN], 2),
+        wire.HIDDEN_STATE: (common_pb2.DTYPE_BFLOAT16, [num_tokens, HIDDEN], 2),
+    }
+    for name, (dtype, shape, size) in shapes.items():
+        numel = 1
+        for d in shape:
+            numel *= d
+        spec = common_pb2.TensorSpec(
+            name=name,
+            dtype=dtype,
+            shape=shape,
+            nbytes=numel * size,
+            key=make_key(store.store_id, run_id, sample_id, 0, name),
+        )
+        try:
+            store.get_sample([spec])
+        except FeatureLost:
+            continue
+        except Exception:
+            return False
+        return False
+    return True
 
 
 @pytest.fixture

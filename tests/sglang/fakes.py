@@ -85,7 +85,6 @@ class Req:
         cache_salt: str | None = None,
     ) -> None:
         self.rid = rid
-        self.origin_input_text = origin_input_text
         self.origin_input_ids = origin_input_ids
         self.sampling_params = sampling_params
         self.return_hidden_states = return_hidden_states
