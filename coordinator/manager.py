@@ -14,12 +14,11 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import Connection, Engine, Row, exc, func, insert, select, update
+from sqlalchemy import Connection, Engine, Row, func, insert, select, update
 from sqlalchemy import delete as sql_delete
 
 from coordinator import queries as q
 from coordinator import validate
-from coordinator.db import is_sqlite
 from coordinator.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from coordinator.schema import (
     BadRowRow,
@@ -113,7 +112,6 @@ class Coordinator:
         self.clock = clock
         self.changes = Changes()
         self._configs: dict[str, run_pb2.RunConfig] = {}
-        self._sqlite = is_sqlite(engine)
 
     # ---------------------------------------------------------------- runs
 
@@ -448,39 +446,31 @@ class Coordinator:
         geo = sess.config.step
         size = geo.world_size * geo.micro_batch * geo.accumulation
         per_rank = geo.micro_batch * geo.accumulation
-        for _ in range(3):
-            try:
-                with self.engine.begin() as conn:
-                    run = self._run_row(conn, sess.run_id)
-                    if run.state == "CANCELLED":
-                        return Delivery("END", step)
-                    if run.final_step is not None and step > run.final_step:
-                        return Delivery("END", step, dropped=run.dropped_tail)
-                    if step > run.last_committed_step + max(prefetch, 1):
-                        return Delivery("WAIT", step)
-                    exists = conn.execute(select(STEPS.c.step).where(
-                        STEPS.c.run_id == sess.run_id, STEPS.c.step == step)).first()
-                    if exists is None:
-                        outcome = q.assign_step(conn, sess.run_id, step, size, self.clock(),
-                                                self._sqlite)
-                        if outcome == "WAIT":
-                            return Delivery("WAIT", step)
-                        if outcome == "END":
-                            dropped = conn.execute(select(RUNS.c.dropped_tail).where(
-                                RUNS.c.run_id == sess.run_id)).scalar_one()
-                            self._maybe_complete(conn, sess.run_id)
-                            return Delivery("END", step, dropped=dropped)
-                    rows = conn.execute(
-                        select(S.c.sample_state, S.c.ref).where(
-                            S.c.run_id == sess.run_id, S.c.step == step,
-                            S.c.slot >= rank * per_rank, S.c.slot < (rank + 1) * per_rank)
-                        .order_by(S.c.slot)
-                    ).all()
-                break
-            except exc.IntegrityError:
-                continue  # another coordinator assigned this step first; read theirs
-        else:
-            return Delivery("WAIT", step)
+        with self.engine.begin() as conn:
+            run = self._run_row(conn, sess.run_id)
+            if run.state == "CANCELLED":
+                return Delivery("END", step)
+            if run.final_step is not None and step > run.final_step:
+                return Delivery("END", step, dropped=run.dropped_tail)
+            if step > run.last_committed_step + max(prefetch, 1):
+                return Delivery("WAIT", step)
+            exists = conn.execute(select(STEPS.c.step).where(
+                STEPS.c.run_id == sess.run_id, STEPS.c.step == step)).first()
+            if exists is None:
+                outcome = q.assign_step(conn, sess.run_id, step, size, self.clock())
+                if outcome == "WAIT":
+                    return Delivery("WAIT", step)
+                if outcome == "END":
+                    dropped = conn.execute(select(RUNS.c.dropped_tail).where(
+                        RUNS.c.run_id == sess.run_id)).scalar_one()
+                    self._maybe_complete(conn, sess.run_id)
+                    return Delivery("END", step, dropped=dropped)
+            rows = conn.execute(
+                select(S.c.sample_state, S.c.ref).where(
+                    S.c.run_id == sess.run_id, S.c.step == step,
+                    S.c.slot >= rank * per_rank, S.c.slot < (rank + 1) * per_rank)
+                .order_by(S.c.slot)
+            ).all()
         if any(r.sample_state == SampleState.LOST for r in rows):
             return Delivery("WAIT", step)
         refs = []

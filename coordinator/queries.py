@@ -2,7 +2,8 @@
 
 Leasing is one statement: pick PENDING rows with ``FOR UPDATE SKIP LOCKED`` (PostgreSQL; SQLite
 holds the writer lock from ``BEGIN IMMEDIATE`` instead) and claim them with ``UPDATE ...
-RETURNING``, so two coordinators on one database never hand out the same prompt.
+RETURNING``, so two coordinators on one database never hand out the same prompt. Step
+assignment locks the run row instead: it must see every READY sample, locked or not.
 """
 
 from __future__ import annotations
@@ -94,21 +95,28 @@ def more_can_come(conn: Connection, run_id: str) -> bool:
     ).first() is not None
 
 
-def assign_step(conn: Connection, run_id: str, step: int, size: int, now: float,
-                sqlite: bool) -> str:
-    """Assign the next step from READY samples. Returns ASSIGNED, WAIT or END."""
+def assign_step(conn: Connection, run_id: str, step: int, size: int, now: float) -> str:
+    """Assign the next step from READY samples. Returns ASSIGNED, WAIT or END.
+
+    The run row is locked first, so coordinators sharing a database assign steps one at a time;
+    "can more samples come?" is asked before READY rows are counted, so a capture committed in
+    between is seen by the count (each statement sees what is committed when it starts).
+    """
+    conn.execute(select(RUNS.c.run_id).where(RUNS.c.run_id == run_id).with_for_update())
     top = conn.execute(select(func.coalesce(func.max(STEPS.c.step), 0)).where(
         STEPS.c.run_id == run_id)).scalar_one()
+    if step <= top:
+        return "ASSIGNED"  # another coordinator assigned it meanwhile
     if step != top + 1:
         return "WAIT"  # an earlier step must be assigned first
+    more = more_can_come(conn, run_id)
     ids = conn.execute(
         select(S.c.id).where(S.c.run_id == run_id, S.c.sample_state == SampleState.READY,
                              S.c.step.is_(None))
         .order_by(S.c.committed_at, S.c.id).limit(size)
-        .with_for_update(skip_locked=True)
     ).scalars().all()
     if len(ids) < size:
-        if more_can_come(conn, run_id):
+        if more:
             return "WAIT"
         dropped = conn.execute(
             update(S).where(S.c.run_id == run_id, S.c.sample_state == SampleState.READY,

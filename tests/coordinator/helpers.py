@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from services.api import common_pb2, coordinator_pb2 as cpb, run_pb2
+from services.api import common_pb2, run_pb2
+from services.api import coordinator_pb2 as cpb
 from services.fingerprint import run_fingerprint, vocab_map_hash
 from services.tensors import make_key
 

@@ -7,7 +7,8 @@ import pytest
 from coordinator import db
 from coordinator.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from coordinator.manager import Coordinator
-from services.api import common_pb2, coordinator_pb2 as cpb, run_pb2
+from services.api import common_pb2, run_pb2
+from services.api import coordinator_pb2 as cpb
 from tests.conftest import ManualClock
 from tests.coordinator import helpers as h
 

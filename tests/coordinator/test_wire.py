@@ -16,7 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import create_engine, text
 
 from coordinator.server import CoordinatorConfig, CoordinatorProcess
-from services.api import common_pb2, coordinator_pb2 as cpb, coordinator_pb2_grpc
+from services.api import common_pb2, coordinator_pb2_grpc
+from services.api import coordinator_pb2 as cpb
 from services.rpc.client import open_channel
 from services.rpc.server import ServerConfig
 from tests.conftest import PG_ADMIN_URL
