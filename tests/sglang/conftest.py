@@ -19,6 +19,7 @@ from tests.sglang import fakes
 
 HIDDEN = 16
 AUX_LAYERS = [1, 3, 4]
+VOCAB = 64
 
 
 class DictStore(FeatureStore):
@@ -120,3 +121,20 @@ def install_on_fakes(store: FeatureStore, staging_bytes: int = 1 << 16) -> Captu
         version="0.5.23",
         hooks=CaptureHooks(lambda: store, staging_bytes),
     )
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A target directory with only config.json: all the producer reads in SGLang mode."""
+    from transformers import LlamaConfig
+
+    path = tmp_path_factory.mktemp("target")
+    LlamaConfig(
+        num_hidden_layers=8,
+        hidden_size=HIDDEN,
+        intermediate_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+    ).save_pretrained(path)
+    return str(path)

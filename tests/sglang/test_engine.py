@@ -21,27 +21,8 @@ from producer.engines.sglang import (
 )
 from producer.sglang_plugin import STORE_URL_ENV, wire
 from tests.sglang import fake_sglang, fakes
-from tests.sglang.conftest import AUX_LAYERS, HIDDEN, absent, install_on_fakes
+from tests.sglang.conftest import AUX_LAYERS, HIDDEN, VOCAB, absent, install_on_fakes
 from tests.sglang.http_server import FakeSGLangServer
-
-VOCAB = 64
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A target directory with only config.json: all the producer reads in SGLang mode."""
-    from transformers import LlamaConfig
-
-    path = tmp_path_factory.mktemp("target")
-    LlamaConfig(
-        num_hidden_layers=8,
-        hidden_size=HIDDEN,
-        intermediate_size=32,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-    ).save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture
