@@ -12,7 +12,12 @@ import sys
 
 # Modules that contribute subcommands, in the order --help lists them.
 _COMMAND_MODULES = (
-    "draftflow.up_cli", "coordinator.cli", "producer.cli", "trainer.cli", "draftflow.health_cli",
+    "draftflow.up_cli",
+    "draftflow.run_cli",
+    "coordinator.cli",
+    "producer.cli",
+    "trainer.cli",
+    "draftflow.health_cli",
 )
 
 EPILOG = """\

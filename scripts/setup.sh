@@ -11,7 +11,9 @@ want_test=0
 
 need_apt=()
 # Mooncake's transfer engine links libibverbs even when only TCP is used.
-ldconfig -p | grep -q 'libibverbs.so.1 ' || need_apt+=(libibverbs1)
+for lib in libibverbs.so.1:libibverbs1 libnuma.so.1:libnuma1 libcurl.so.4:libcurl4; do
+  ldconfig -p | grep -q "${lib%%:*} " || need_apt+=("${lib#*:}")
+done
 if [ $want_test = 1 ]; then
   command -v docker-compose >/dev/null || need_apt+=(docker-compose)
   command -v ip >/dev/null || need_apt+=(iproute2)
