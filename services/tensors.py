@@ -55,7 +55,7 @@ def tensor_checksum(tensor: torch.Tensor) -> int:
     t = tensor.detach().contiguous().cpu()
     if t.numel() == 0:
         return checksum(b"")
-    return checksum(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+    return checksum(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def validate_spec(spec: common_pb2.TensorSpec, where: str, key_prefix: str | None = None) -> None:

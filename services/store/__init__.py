@@ -8,6 +8,7 @@ from services.store.base import (
     StoreFull,
     StoreUnavailable,
 )
+from services.store.factory import open_store
 
 __all__ = [
     "FeatureCorrupt",
@@ -16,4 +17,5 @@ __all__ = [
     "StoreError",
     "StoreFull",
     "StoreUnavailable",
+    "open_store",
 ]

@@ -1,0 +1,213 @@
+"""Start and stop Mooncake processes: the master, and holders that lend memory to the pool.
+
+Mooncake's ports (master RPC, metrics, transfer ports) have no authentication: bind them to
+addresses of a private network only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.store.base import StoreUnavailable
+
+
+def master_binary() -> str:
+    """Path of ``mooncake_master``: on PATH, else the copy inside the mooncake wheel."""
+    found = shutil.which("mooncake_master")
+    if found:
+        return found
+    import mooncake
+
+    bundled = Path(mooncake.__file__).parent / "mooncake_master"
+    if bundled.exists():
+        return str(bundled)
+    raise FileNotFoundError(
+        "mooncake_master not found; pip install draftflow[mooncake] (or put it on PATH)"
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class MasterHandle:
+    """A running ``mooncake_master``."""
+
+    process: subprocess.Popen[bytes]
+    host: str
+    rpc_port: int
+    metrics_port: int
+    http_metadata_port: int | None = None
+    log_path: Path | None = None
+    argv: list[str] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        """The master's RPC address, ``HOST:PORT``, as clients name it."""
+        return f"{self.host}:{self.rpc_port}"
+
+    @property
+    def metadata(self) -> str:
+        """The metadata setting clients should use with this master."""
+        if self.http_metadata_port is None:
+            return "P2PHANDSHAKE"
+        return f"http://{self.host}:{self.http_metadata_port}/metadata"
+
+    def url(self, store_id: str = "draftflow", **params: object) -> str:
+        """A ``mooncake://`` store URL for this master, e.g. ``url("s1", segment_mb=64)``."""
+        query = {"store_id": store_id, "metadata": self.metadata, **params}
+        return f"mooncake://{self.address}?" + "&".join(f"{k}={v}" for k, v in query.items())
+
+    def serving(self) -> bool:
+        """True when the master answers its health endpoint as ready."""
+        try:
+            with urllib.request.urlopen(
+                f"http://{self.host}:{self.metrics_port}/health", timeout=1.0
+            ) as reply:
+                return bool(json.loads(reply.read()).get("service_ready"))
+        except (OSError, ValueError):
+            return False
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout_s``; all keys are lost."""
+        _stop(self.process, timeout_s)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, for failure tests."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def restart(self, timeout_s: float = 20.0) -> MasterHandle:
+        """Start a fresh master on the same address and ports (after ``stop`` or ``kill``)."""
+        return _launch(self.argv, self.host, self.rpc_port, self.metrics_port,
+                       self.http_metadata_port, self.log_path, timeout_s)
+
+
+def start_master(
+    host: str = "127.0.0.1",
+    rpc_port: int = 0,
+    metrics_port: int = 0,
+    http_metadata: bool = False,
+    client_ttl_s: int = 10,
+    log_path: Path | None = None,
+    timeout_s: float = 20.0,
+) -> MasterHandle:
+    """Start ``mooncake_master`` bound to ``host`` (0 ports: free ones) and wait until it serves.
+
+    ``client_ttl_s``: after this long without heartbeats a client's segment is dropped, and
+    reads of keys in it turn from "transfer failed" into "no such key".
+    """
+    rpc_port = rpc_port or free_port(host)
+    metrics_port = metrics_port or free_port(host)
+    http_port = free_port(host) if http_metadata else None
+    argv = [
+        master_binary(),
+        f"--rpc_address={host}", f"--rpc_port={rpc_port}",
+        f"--metrics_host={host}", f"--metrics_port={metrics_port}",
+        f"--client_ttl={client_ttl_s}",
+        "--rpc_thread_num=4",
+    ]
+    if http_port is not None:
+        argv += [
+            "--enable_http_metadata_server=true",
+            f"--http_metadata_server_host={host}", f"--http_metadata_server_port={http_port}",
+        ]
+    return _launch(argv, host, rpc_port, metrics_port, http_port, log_path, timeout_s)
+
+
+def _launch(
+    argv: list[str], host: str, rpc_port: int, metrics_port: int, http_port: int | None,
+    log_path: Path | None, timeout_s: float,
+) -> MasterHandle:
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    handle = MasterHandle(process, host, rpc_port, metrics_port, http_port, log_path, argv)
+    deadline = time.monotonic() + timeout_s
+    while not handle.serving():
+        if process.poll() is not None or time.monotonic() > deadline:
+            handle.stop()
+            where = f"; see {log_path}" if log_path else ""
+            raise StoreUnavailable(
+                f"mooncake_master did not serve on {host}:{rpc_port} within {timeout_s} s "
+                f"(exit code {process.returncode}){where}"
+            )
+        time.sleep(0.05)
+    return handle
+
+
+@dataclass
+class HolderHandle:
+    """A process that mounts a segment so stored data outlives the processes that wrote it."""
+
+    process: subprocess.Popen[str]
+    segment: str
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        _stop(self.process, timeout_s)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_holder(
+    master: str,
+    segment_mb: int,
+    local_host: str = "127.0.0.1",
+    metadata: str = "P2PHANDSHAKE",
+    protocol: str = "tcp",
+    device: str = "",
+    timeout_s: float = 30.0,
+) -> HolderHandle:
+    """Start ``python -m services.store.holder`` and wait until its segment is mounted."""
+    argv = [
+        sys.executable, "-m", "services.store.holder", "--master", master,
+        "--segment-mb", str(segment_mb), "--local", local_host, "--metadata", metadata,
+        "--protocol", protocol, "--device", device,
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+    )
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    line = ""
+    # The holder prints one line, "ready SEGMENT", once mounted; a dead holder closes stdout.
+    while time.monotonic() < deadline and not line:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            break
+    if not line.startswith("ready "):
+        _stop(process, 5.0)
+        raise StoreUnavailable(
+            f"holder did not mount {segment_mb} MiB at {master} within {timeout_s} s; "
+            "check the master address and local_host"
+        )
+    return HolderHandle(process, line.split()[1])
+
+
+def _stop(process: subprocess.Popen, timeout_s: float) -> None:  # type: ignore[type-arg]
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
