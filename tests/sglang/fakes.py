@@ -319,6 +319,7 @@ class FakeScheduler:
         sends: bool = True,
         server_args: dict[str, Any] | None = None,
         cached_prefix: int = 0,
+        device: str = "cpu",
     ) -> None:
         self.hidden_size = hidden_size
         self.aux_layer_ids = list(aux_layer_ids)
@@ -330,6 +331,8 @@ class FakeScheduler:
         self.processor = SchedulerBatchResultProcessor(output_streamer=self.streamer)
         # Rows a prefix-cache hit would skip: the forward covers only the rest of the prompt.
         self.cached_prefix = cached_prefix
+        # Where the forward's outputs live: "cuda" on a GPU machine, as in SGLang.
+        self.device = device
         self.batches = 0
 
     def build(self, requests: list[dict[str, Any]]) -> tuple[ScheduleBatch, GenerationBatchResult]:
@@ -360,8 +363,8 @@ class FakeScheduler:
             extend.append(len(ids) - skip)
         logits = LogitsProcessorOutput(
             next_token_logits=None,
-            hidden_states=torch.cat(aux_rows),
-            last_hidden_states=torch.cat(hidden_rows),
+            hidden_states=torch.cat(aux_rows).to(self.device),
+            last_hidden_states=torch.cat(hidden_rows).to(self.device),
         )
         batch = ScheduleBatch(
             reqs=reqs, return_hidden_states=any(r.return_hidden_states for r in reqs)
