@@ -247,13 +247,13 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(args.seed)
     lines: list[str] = []
-    seen: set[str] = set()
+    seen: set[tuple[tuple[str, str], ...]] = set()
     while len(lines) < args.count:
-        # Identical prompts would be collapsed by run creation; keep every line distinct.
-        line = to_json(conversation(rng), messages_form=len(lines) % 5 == 4)
-        if line not in seen:
-            seen.add(line)
-            lines.append(line)
+        # Identical conversations are collapsed by run creation, whatever their JSON form.
+        turns = conversation(rng)
+        if tuple(turns) not in seen:
+            seen.add(tuple(turns))
+            lines.append(to_json(turns, messages_form=len(lines) % 5 == 4))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {len(lines)} conversations to {args.out}")

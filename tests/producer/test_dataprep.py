@@ -153,6 +153,7 @@ def test_bad_rows_get_line_numbers_and_reasons(llama_tokenizer) -> None:
 
 
 def test_every_example_row_prepares(llama_tokenizer) -> None:
+    from services.dataset import parse_line, prompt_id
     from services.tiny_model import DEFAULT_DATASET
 
     lines = DEFAULT_DATASET.read_text().splitlines()
@@ -160,3 +161,5 @@ def test_every_example_row_prepares(llama_tokenizer) -> None:
     assert bad == []
     assert len(prompts) == len(lines) >= 300
     assert all(0 < p.num_trainable < p.num_tokens for _, p in prompts)
+    # No two rows collapse into one prompt at run creation.
+    assert len({prompt_id(parse_line(line)) for line in lines}) == len(lines)

@@ -1,0 +1,428 @@
+"""The producer's work loop: lease prompts, capture, write tensors, commit refs.
+
+Three threads, one job each:
+
+* the **capture** thread (the caller of ``run()``) leases prompts, prepares them and runs the
+  engine; it is the one to keep busy;
+* the **writer** thread puts each captured sample into the feature store and commits the refs,
+  so writes and commits overlap the next capture (a bounded queue holds at most
+  ``queue_batches`` captured batches);
+* the **keeper** thread heartbeats the session and extends leases that are past half their time.
+
+Every prompt ends in exactly one of: committed, failed (retryable or not, with a reason), or
+released at unregistration. A lease that went stale under us (expired, re-leased elsewhere) is
+dropped and its written keys removed; the coordinator has already handed the prompt on.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from producer.dataprep import PreparedPrompt, PromptError, messages_from_conversation
+from producer.dataprep import prepare_prompt as _prepare
+from producer.engines.base import CaptureEngine, EngineError
+from producer.features import eagle3_features
+from services.api import common_pb2, run_pb2
+from services.api import coordinator_pb2 as cpb
+from services.fingerprint import run_fingerprint
+from services.logs import event
+from services.store.base import FeatureStore, StoreError, StoreFull
+from services.tokenizer import tokenizer_hash
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How the work loop paces itself."""
+
+    run_id: str
+    """The run to produce samples for."""
+    identity: str = "producer"
+    """Shown in the coordinator's status (host, pid)."""
+    lease_batch: int = 8
+    """Prompts asked for per LeasePrompts call, and captured together."""
+    queue_batches: int = 2
+    """Captured batches that may wait for the writer; bounds memory, keeps the engine busy."""
+    revision: str | None = None
+    """This node's label of the target weights; default: trust the run's."""
+    store_full_backoff_s: float = 0.2
+    """First wait after ``StoreFull``; doubles up to 2 s."""
+    store_full_wait_s: float | None = None
+    """How long one sample waits for room before its prompt fails (retryably); default: the
+    run's lease time. Leases are extended meanwhile."""
+
+
+@dataclass
+class _Item:
+    """One leased prompt on its way through the loop."""
+
+    lease: cpb.PromptLease
+    expires: float  # local monotonic time the lease runs out
+    prompt: PreparedPrompt | None = None
+    features: dict[str, Any] | None = None
+    ref: common_pb2.SampleRef | None = None
+
+    def handle(self) -> cpb.LeaseHandle:
+        return cpb.LeaseHandle(sample_id=self.lease.sample_id, lease_token=self.lease.lease_token)
+
+
+@dataclass
+class ProducerStats:
+    """Counters for GetStatus and metrics; read without a lock (single writers, plain ints)."""
+
+    started: float = field(default_factory=time.monotonic)
+    samples_committed: int = 0
+    tokens_committed: int = 0
+    prompts_failed: int = 0
+    leases_lost: int = 0
+    engine_busy_s: float = 0.0
+    in_flight: int = 0
+
+
+class FingerprintMismatch(RuntimeError):
+    """This node's model or config does not match the run; the message has both values."""
+
+
+def local_fingerprint(run: cpb.Run, tokenizer: Any, aux_layer_ids: Sequence[int],
+                      revision: str | None = None) -> str:
+    """The fingerprint of what this node would capture, from its own tokenizer and layers."""
+    cfg = run_pb2.RunConfig()
+    cfg.CopyFrom(run.config)
+    cfg.target.tokenizer_hash = tokenizer_hash(tokenizer)
+    del cfg.capture.aux_layer_ids[:]
+    cfg.capture.aux_layer_ids.extend(aux_layer_ids)
+    if revision is not None:
+        cfg.target.revision = revision
+    return run_fingerprint(cfg, run.vocab_map.hash)
+
+
+class Producer:
+    """Runs the work loop for one run until the data is exhausted or ``drain()`` is called."""
+
+    def __init__(self, stub: Any, store: FeatureStore, engine: CaptureEngine, tokenizer: Any,
+                 run: cpb.Run, config: WorkerConfig,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._stub = stub
+        self._store = store
+        self._engine = engine
+        self._tokenizer = tokenizer
+        self._run = run
+        self._cfg = config
+        self._clock = clock
+        self.stats = ProducerStats()
+        self.session_id = ""
+        self._lease_s = run.config.lease.lease_seconds
+        self._heartbeat_s = run.config.lease.heartbeat_seconds
+        self._max_length = run.config.capture.max_length
+        self._template = run.config.capture.chat_template or None
+        self._draining = threading.Event()
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, _Item] = {}
+        self._queue: queue.Queue[list[_Item] | None] = queue.Queue(maxsize=config.queue_batches)
+        self._writer_error: BaseException | None = None
+
+    # ----------------------------------------------------------------- public
+
+    @property
+    def draining(self) -> bool:
+        return self._draining.is_set()
+
+    def drain(self) -> None:
+        """Stop leasing; what is in flight is captured, written and committed, then ``run`` ends."""
+        if not self._draining.is_set():
+            log.info("draining", extra=event("producer_drain", run_id=self._cfg.run_id,
+                                             session_id=self.session_id))
+        self._draining.set()
+
+    def register(self) -> cpb.RegisterWorkerResponse:
+        """Register with the fingerprint of this node's tokenizer and capture layers."""
+        fp = local_fingerprint(self._run, self._tokenizer, self._engine.aux_layer_ids,
+                               self._cfg.revision)
+        try:
+            resp = self._stub.RegisterWorker(cpb.RegisterWorkerRequest(
+                run_id=self._cfg.run_id, role=common_pb2.WORKER_ROLE_PRODUCER, fingerprint=fp,
+                identity=self._cfg.identity))
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise FingerprintMismatch(exc.details()) from None
+            raise
+        self.session_id = resp.session_id
+        if resp.heartbeat_interval_seconds > 0:
+            self._heartbeat_s = resp.heartbeat_interval_seconds
+        log.info("producer registered", extra=event(
+            "producer_registered", run_id=self._cfg.run_id, session_id=self.session_id,
+            fingerprint=fp, engine=self._engine.name, device=str(self._engine.device)))
+        return resp
+
+    def run(self) -> ProducerStats:
+        """Register (if not yet), produce until exhausted or drained, then unregister."""
+        if not self.session_id:
+            self.register()
+        writer = threading.Thread(target=self._writer_loop, name="producer-writer", daemon=True)
+        keeper = threading.Thread(target=self._keeper_loop, name="producer-keeper", daemon=True)
+        writer.start()
+        keeper.start()
+        try:
+            self._capture_loop()
+        finally:
+            self._queue.put(None)
+            writer.join()
+            self._stopped.set()
+            keeper.join()
+            self._unregister()
+        if self._writer_error is not None:
+            raise self._writer_error
+        return self.stats
+
+    def _rejoin(self, why: str) -> None:
+        """Our session expired (missed heartbeats): its leases went back; start a new one."""
+        log.warning("session lost, registering again: %s", why, extra=event(
+            "session_lost", run_id=self._cfg.run_id, session_id=self.session_id))
+        with self._lock:
+            stale = list(self._in_flight.values())
+        self._lost(stale, why)
+        self.register()
+
+    # ---------------------------------------------------------- capture side
+
+    def _capture_loop(self) -> None:
+        while not self._draining.is_set() and self._writer_error is None:
+            try:
+                resp = self._stub.LeasePrompts(cpb.LeasePromptsRequest(
+                    session_id=self.session_id, max_prompts=self._cfg.lease_batch))
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                self._rejoin(exc.details())
+                continue
+            if not resp.leases:
+                if resp.exhausted:
+                    log.info("no prompts left", extra=event("producer_exhausted",
+                                                            run_id=self._cfg.run_id))
+                    return
+                self._draining.wait(max(resp.retry_after_seconds, 0.05))
+                continue
+            now = self._clock()
+            items = [_Item(lease=le, expires=now + self._lease_s) for le in resp.leases]
+            with self._lock:
+                self._in_flight.update((it.lease.sample_id, it) for it in items)
+                self.stats.in_flight = len(self._in_flight)
+            ready = self._prepare(items)
+            if ready:
+                self._capture(ready)
+
+    def _prepare(self, items: list[_Item]) -> list[_Item]:
+        ready: list[_Item] = []
+        bad: dict[str, list[_Item]] = {}
+        for it in items:
+            try:
+                it.prompt = _prepare(self._tokenizer,
+                                     messages_from_conversation(it.lease.conversation),
+                                     self._max_length, self._template)
+                ready.append(it)
+            except PromptError as exc:
+                bad.setdefault(exc.reason, []).append(it)
+        for reason, group in bad.items():
+            self._fail(group, reason, retryable=False)
+        return ready
+
+    def _capture(self, items: list[_Item]) -> None:
+        start = time.monotonic()
+        try:
+            captured = self._engine.capture([it.prompt.input_ids.tolist() for it in items])
+        except EngineError as exc:
+            self._fail(items, f"capture failed: {exc}", retryable=True)
+            return
+        finally:
+            self.stats.engine_busy_s += time.monotonic() - start
+        for it, feats in zip(items, captured, strict=True):
+            it.features = eagle3_features(it.prompt, feats)
+        self._queue.put(items)
+
+    # ----------------------------------------------------------- writer side
+
+    def _writer_loop(self) -> None:
+        try:
+            while (items := self._queue.get()) is not None:
+                written = [it for it in items if self._write(it)]
+                if written:
+                    self._commit(written)
+        except BaseException as exc:  # surfaced by run(); the capture loop stops on it
+            self._writer_error = exc
+            self._draining.set()
+            log.exception("writer failed", extra=event("producer_writer_failed",
+                                                       run_id=self._cfg.run_id))
+            while self._queue.get() is not None:  # unblock the capture thread
+                pass
+
+    def _write(self, it: _Item) -> bool:
+        lease = it.lease
+        with self._lock:
+            if lease.sample_id not in self._in_flight:
+                return False  # the keeper found the lease gone while we captured
+        delay = self._cfg.store_full_backoff_s
+        wait = self._cfg.store_full_wait_s
+        give_up = self._clock() + (self._lease_s if wait is None else wait)
+        while True:
+            try:
+                specs = self._store.put_sample(self._cfg.run_id, lease.sample_id,
+                                               lease.generation, it.features)
+                break
+            except StoreFull as exc:
+                # Backpressure: the trainer frees samples as it commits steps; wait for room.
+                if self._clock() + delay > give_up:
+                    self._fail([it], f"feature store full: {exc}", retryable=True)
+                    return False
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            except StoreError as exc:
+                self._fail([it], f"feature store write failed: {exc}", retryable=True)
+                return False
+        it.ref = common_pb2.SampleRef(
+            run_id=self._cfg.run_id, sample_id=lease.sample_id, prompt_id=lease.prompt_id,
+            epoch=lease.epoch, generation=lease.generation, store=self._store.store_id,
+            tensors=specs, num_tokens=it.prompt.num_tokens, producer_id=self._cfg.identity,
+            meta={"engine": self._engine.name, "truncated": str(it.prompt.truncated).lower()})
+        it.features = None  # the store holds its own copy or reference now
+        return True
+
+    def _commit(self, items: list[_Item]) -> None:
+        commits = [cpb.SampleCommit(ref=it.ref, lease_token=it.lease.lease_token) for it in items]
+        try:
+            results = self._stub.CommitSamples(cpb.CommitSamplesRequest(
+                session_id=self.session_id, samples=commits)).results
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION or len(items) == 1:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    self._lost(items, exc.details())
+                    return
+                raise
+            # One stale lease fails the whole call: commit one by one to save the others.
+            for it in items:
+                self._commit([it])
+            return
+        for it, res in zip(items, results, strict=True):
+            if res.status in (cpb.COMMIT_STATUS_ACCEPTED, cpb.COMMIT_STATUS_DUPLICATE):
+                self.stats.samples_committed += 1
+                self.stats.tokens_committed += it.prompt.num_tokens
+            else:
+                log.warning("commit rejected", extra=event(
+                    "commit_rejected", run_id=self._cfg.run_id, sample_id=res.sample_id,
+                    reason=res.reason))
+                self._remove_keys([it])
+            self._forget([it])
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _keeper_loop(self) -> None:
+        period = max(0.05, min(self._heartbeat_s, self._lease_s / 4))
+        last_beat = 0.0
+        while not self._stopped.wait(period):
+            now = self._clock()
+            if now - last_beat >= self._heartbeat_s * 0.9:
+                try:
+                    active = self._stub.Heartbeat(cpb.HeartbeatRequest(
+                        session_id=self.session_id)).run_active
+                    last_beat = now
+                    if not active:
+                        self.drain()
+                except grpc.RpcError as exc:
+                    log.warning("heartbeat failed: %s", exc.details(), extra=event(
+                        "heartbeat_failed", run_id=self._cfg.run_id, session_id=self.session_id))
+            self._extend_due(now)
+
+    def _extend_due(self, now: float) -> None:
+        with self._lock:
+            due = [it for it in self._in_flight.values()
+                   if it.expires - now < self._lease_s / 2]
+        if not due:
+            return
+        try:
+            self._extend(due, now)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                log.warning("extending leases failed: %s", exc.details(),
+                            extra=event("extend_failed", run_id=self._cfg.run_id))
+                return
+            # One stale lease fails the whole call: extend one by one to keep the others.
+            for it in due:
+                try:
+                    self._extend([it], now)
+                except grpc.RpcError as one:
+                    if one.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                        self._lost([it], one.details())
+
+    def _extend(self, items: list[_Item], now: float) -> None:
+        self._stub.ExtendLeases(cpb.ExtendLeasesRequest(
+            session_id=self.session_id, leases=[it.handle() for it in items]))
+        for it in items:
+            it.expires = now + self._lease_s
+
+    def _fail(self, items: list[_Item], reason: str, retryable: bool) -> None:
+        try:
+            self._stub.FailPrompts(cpb.FailPromptsRequest(
+                session_id=self.session_id, leases=[it.handle() for it in items],
+                reason=reason, retryable=retryable))
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            if len(items) > 1:
+                for it in items:
+                    self._fail([it], reason, retryable)
+                return
+            self._lost(items, exc.details())
+            return
+        self.stats.prompts_failed += len(items)
+        for it in items:
+            log.warning("prompt failed", extra=event(
+                "prompt_failed", run_id=self._cfg.run_id, sample_id=it.lease.sample_id,
+                reason=reason, retryable=retryable))
+        self._forget(items)
+
+    def _lost(self, items: list[_Item], why: str) -> None:
+        """The coordinator no longer counts these leases as ours: drop the work and its keys."""
+        self._remove_keys(items)
+        newly = self._forget(items)
+        self.stats.leases_lost += len(newly)
+        for it in newly:
+            log.warning("lease lost", extra=event(
+                "lease_lost", run_id=self._cfg.run_id, sample_id=it.lease.sample_id, reason=why))
+
+    def _remove_keys(self, items: list[_Item]) -> None:
+        keys = [t.key for it in items if it.ref is not None for t in it.ref.tensors]
+        if keys:
+            try:
+                self._store.remove(keys)
+            except StoreError:
+                log.warning("could not remove keys of an uncommitted sample",
+                            extra=event("remove_failed", run_id=self._cfg.run_id))
+
+    def _forget(self, items: list[_Item]) -> list[_Item]:
+        """Drop items from the in-flight set; return those that were still in it."""
+        with self._lock:
+            gone = [it for it in items if self._in_flight.pop(it.lease.sample_id, None)]
+            self.stats.in_flight = len(self._in_flight)
+        return gone
+
+    def _unregister(self) -> None:
+        try:
+            released = self._stub.UnregisterWorker(cpb.UnregisterWorkerRequest(
+                session_id=self.session_id)).released_leases
+        except grpc.RpcError as exc:
+            log.warning("unregister failed: %s", exc.details(),
+                        extra=event("unregister_failed", run_id=self._cfg.run_id))
+            return
+        log.info("producer stopped", extra=event(
+            "producer_stopped", run_id=self._cfg.run_id, session_id=self.session_id,
+            committed=self.stats.samples_committed, failed=self.stats.prompts_failed,
+            released=released))

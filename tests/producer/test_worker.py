@@ -1,0 +1,232 @@
+"""The work loop against a real coordinator (gRPC over a socket, SQLite) and the memory store."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from coordinator.server import CoordinatorConfig, CoordinatorProcess
+from producer.dataprep import messages_from_conversation, prepare_prompt
+from producer.engines import EngineConfig, create_engine
+from producer.engines.hf import HFEngine
+from producer.features import EAGLE3_TENSORS
+from producer.vocab import describe_run, run_config_proto
+from producer.worker import FingerprintMismatch, Producer, WorkerConfig
+from services.api import common_pb2, coordinator_pb2_grpc
+from services.api import coordinator_pb2 as cpb
+from services.config import RunConfigFile
+from services.dataset import parse_line, prompt_id
+from services.rpc.client import open_channel
+from services.rpc.server import ServerConfig
+from services.store.base import FeatureStore
+from services.store.memory import MemoryStore
+from services.tiny_model import DEFAULT_DATASET
+
+LONG_USER = json.dumps({"conversations": [
+    {"from": "human", "value": "word " * 200}, {"from": "gpt", "value": "ok"}]})
+TOO_LONG_REASON = "no assistant token within max_length=96"
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Iterator[CoordinatorProcess]:
+    proc = CoordinatorProcess(CoordinatorConfig(
+        db_url=f"sqlite:///{tmp_path / 'c.db'}", server=ServerConfig(listen="127.0.0.1:0"),
+        reap_seconds=0.1))
+    yield proc
+    proc.stop(grace=0.5)
+
+
+@pytest.fixture
+def stub(coordinator: CoordinatorProcess) -> Iterator[coordinator_pb2_grpc.CoordinatorServiceStub]:
+    channel = open_channel(f"127.0.0.1:{coordinator.port}")
+    yield coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+    channel.close()
+
+
+@pytest.fixture(scope="module")
+def engine(llama_dir: Path) -> HFEngine:
+    e = create_engine("hf", EngineConfig(model_path=str(llama_dir), device="cpu"))
+    assert isinstance(e, HFEngine)
+    return e
+
+
+@pytest.fixture
+def store() -> MemoryStore:
+    return MemoryStore(f"producer-test-{uuid.uuid4().hex[:8]}", store_id="mem")
+
+
+def _lines(n: int) -> list[str]:
+    return DEFAULT_DATASET.read_text().splitlines()[:n]
+
+
+def create_run(stub, model_dir: Path, lines: list[str], run_id: str = "r1", epochs: int = 1,
+               lease_seconds: float = 30, heartbeat_seconds: float = 1,
+               max_attempts: int = 3) -> cpb.Run:
+    cfg = RunConfigFile.model_validate({
+        "run_id": run_id, "dataset": "conversations.jsonl", "epochs": epochs,
+        "target": {"model_path": str(model_dir), "revision": "tiny"},
+        "capture": {"max_length": 96}, "draft": {"draft_vocab_size": 256},
+        "lease": {"lease_seconds": lease_seconds, "heartbeat_seconds": heartbeat_seconds,
+                  "heartbeat_misses": 2, "max_attempts": max_attempts},
+        "watermark": {"high_samples": 0, "low_samples": 0},
+    })
+    facts = describe_run(model_dir, cfg, lines)
+    resp = stub.CreateRun(cpb.CreateRunRequest(
+        run_id=run_id, config=run_config_proto(cfg, facts), dataset_lines=lines,
+        vocab_map=facts.vocab_map))
+    return resp.run
+
+
+def make_producer(stub, store: FeatureStore, engine: HFEngine, model_dir: Path, run: cpb.Run,
+                  **kw: object) -> Producer:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return Producer(stub, store, engine, tokenizer, run,
+                    WorkerConfig(run_id=run.run_id, identity="test-producer", **kw))
+
+
+def status(stub, run_id: str = "r1") -> cpb.RunStatus:
+    return stub.GetRunStatus(cpb.GetRunStatusRequest(run_id=run_id)).status
+
+
+def drain_steps(stub, run: cpb.Run, store: FeatureStore) -> list[tuple[common_pb2.SampleRef,
+                                                                        dict[str, torch.Tensor]]]:
+    """Stream every step as a trainer would, read each sample, commit the step."""
+    tid = stub.RegisterWorker(cpb.RegisterWorkerRequest(
+        run_id=run.run_id, role=common_pb2.WORKER_ROLE_TRAINER, fingerprint=run.fingerprint,
+        identity="test-trainer")).session_id
+    out = []
+    for msg in stub.StreamSteps(cpb.StreamStepsRequest(session_id=tid, rank=0, from_step=1,
+                                                       prefetch=4)):
+        if msg.end_of_data:
+            break
+        out.extend((ref, store.get_sample(ref.tensors)) for ref in msg.refs)
+        stub.CommitStep(cpb.CommitStepRequest(session_id=tid, step=msg.step, loss=0.0))
+    return out
+
+
+def test_every_prompt_is_captured_once_per_epoch(stub, store, engine, llama_dir: Path,
+                                                 llama_tokenizer) -> None:
+    lines = [*_lines(12), LONG_USER]
+    run = create_run(stub, llama_dir, lines, epochs=2)
+    stats = make_producer(stub, store, engine, llama_dir, run, lease_batch=5).run()
+    assert stats.samples_committed == 24
+    assert stats.prompts_failed == 2
+    st = status(stub)
+    assert st.prompts["CAPTURED"] == 24 and st.prompts["DEAD"] == 2
+    assert st.prompts.get("PENDING", 0) == st.prompts.get("LEASED", 0) == 0
+    assert [w for w in st.workers if w.role == common_pb2.WORKER_ROLE_PRODUCER] == []
+
+    convs = {prompt_id(parse_line(line)): parse_line(line) for line in lines}
+    samples = drain_steps(stub, run, store)
+    assert sorted(ref.sample_id for ref, _ in samples) == sorted(
+        f"{pid}:e{e}" for pid in convs if pid != prompt_id(parse_line(LONG_USER))
+        for e in range(len({r.epoch for r, _ in samples})))
+    for ref, tensors in samples:
+        assert ref.store == "mem" and ref.producer_id == "test-producer"
+        assert tuple(tensors) == EAGLE3_TENSORS
+        prompt = prepare_prompt(llama_tokenizer, messages_from_conversation(convs[ref.prompt_id]),
+                                max_length=96)
+        assert ref.num_tokens == prompt.num_tokens
+        assert torch.equal(tensors["input_ids"], prompt.input_ids)
+        assert torch.equal(tensors["loss_mask"], prompt.loss_mask)
+        alone = engine.capture([prompt.input_ids.tolist()])[0]
+        # Captured in a padded batch: equal to a capture alone up to float32 rounding.
+        torch.testing.assert_close(tensors["hidden_state"], alone.hidden_state,
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tensors["aux_hidden_state"], alone.aux_hidden_state,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_too_long_row_is_dead_with_its_reason(stub, store, engine, llama_dir: Path,
+                                              coordinator: CoordinatorProcess) -> None:
+    run = create_run(stub, llama_dir, [*_lines(3), LONG_USER])
+    make_producer(stub, store, engine, llama_dir, run).run()
+    from sqlalchemy import text
+
+    with coordinator.engine.connect() as conn:
+        rows = conn.execute(text("SELECT * FROM samples")).mappings().all()
+    dead = [r for r in rows if r["prompt_state"] == "DEAD"]
+    assert len(dead) == 1
+    assert dead[0]["reason"].startswith(TOO_LONG_REASON)
+    assert dead[0]["attempts"] == 1
+
+
+def test_fingerprint_mismatch_is_refused(stub, store, engine, llama_dir: Path) -> None:
+    run = create_run(stub, llama_dir, _lines(3))
+    producer = make_producer(stub, store, engine, llama_dir, run, revision="other-weights")
+    with pytest.raises(FingerprintMismatch) as info:
+        producer.register()
+    assert f"run has {run.fingerprint}" in str(info.value)
+    assert "fingerprint mismatch for run 'r1': worker has " in str(info.value)
+
+
+def test_drain_commits_in_flight_and_gives_the_rest_back(stub, store, engine,
+                                                         llama_dir: Path) -> None:
+    run = create_run(stub, llama_dir, _lines(30))
+    first = make_producer(stub, store, engine, llama_dir, run, lease_batch=4)
+    original = first._commit
+    drained = threading.Event()
+
+    def commit_then_drain(items):  # type: ignore[no-untyped-def]
+        original(items)
+        first.drain()
+        drained.set()
+
+    first._commit = commit_then_drain  # type: ignore[method-assign]
+    stats = first.run()
+    assert drained.is_set()
+    assert 4 <= stats.samples_committed < 30
+    st = status(stub)
+    assert st.prompts["CAPTURED"] == stats.samples_committed
+    assert st.prompts.get("LEASED", 0) == 0  # nothing held by a stopped producer
+    second = make_producer(stub, store, engine, llama_dir, run).run()
+    assert stats.samples_committed + second.samples_committed == 30
+    assert status(stub).prompts["CAPTURED"] == 30
+
+
+def test_a_dead_producers_leases_are_recaptured_once(stub, store, engine,
+                                                     llama_dir: Path) -> None:
+    run = create_run(stub, llama_dir, _lines(6), lease_seconds=1.5, heartbeat_seconds=0.5)
+    ghost = stub.RegisterWorker(cpb.RegisterWorkerRequest(
+        run_id="r1", role=common_pb2.WORKER_ROLE_PRODUCER, fingerprint=run.fingerprint,
+        identity="ghost")).session_id
+    held = stub.LeasePrompts(cpb.LeasePromptsRequest(session_id=ghost, max_prompts=3)).leases
+    assert len(held) == 3  # and then it stops heartbeating, as a killed process would
+    stats = make_producer(stub, store, engine, llama_dir, run).run()
+    assert stats.samples_committed == 6
+    st = status(stub)
+    assert st.prompts["CAPTURED"] == 6 and st.prompts.get("DEAD", 0) == 0
+    # The ghost's session and tokens are stale now: its late calls are refused loudly.
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ExtendLeases(cpb.ExtendLeasesRequest(session_id=ghost, leases=[
+            cpb.LeaseHandle(sample_id=held[0].sample_id, lease_token=held[0].lease_token)]))
+    assert err.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
+
+
+def test_full_store_fails_prompts_retryably_until_dead(stub, engine, llama_dir: Path) -> None:
+    run = create_run(stub, llama_dir, _lines(2), max_attempts=2)
+    tiny = MemoryStore(f"full-{uuid.uuid4().hex[:8]}", store_id="mem", capacity_bytes=1024)
+    stats = make_producer(stub, tiny, engine, llama_dir, run,
+                          store_full_backoff_s=0.05, store_full_wait_s=0.3).run()
+    assert stats.samples_committed == 0
+    assert stats.prompts_failed == 4  # 2 prompts x max_attempts
+    assert status(stub).prompts["DEAD"] == 2
+
+
+def test_full_store_waits_for_room(stub, engine, llama_dir: Path) -> None:
+    run = create_run(stub, llama_dir, _lines(3), lease_seconds=30)
+    name = f"room-{uuid.uuid4().hex[:8]}"
+    filler = MemoryStore(name, store_id="mem")
+    filler.put_sample("other", "x:e0", 0, {"blob": torch.zeros(4 << 20, dtype=torch.uint8)})
+    store = MemoryStore(name, store_id="mem", capacity_bytes=(4 << 20) + (1 << 20))
+    threading.Timer(0.5, lambda: filler.remove(["mem/other/x:e0/g0/blob"])).start()
+    stats = make_producer(stub, store, engine, llama_dir, run, lease_batch=3).run()
+    assert stats.samples_committed == 3 and stats.prompts_failed == 0
