@@ -54,6 +54,7 @@ class MasterHandle:
     http_metadata_port: int | None = None
     log_path: Path | None = None
     argv: list[str] = field(default_factory=list)
+    prefix: list[str] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -74,13 +75,11 @@ class MasterHandle:
 
     def serving(self) -> bool:
         """True when the master answers its health endpoint as ready."""
-        try:
-            with urllib.request.urlopen(
-                f"http://{self.host}:{self.metrics_port}/health", timeout=1.0
-            ) as reply:
-                return bool(json.loads(reply.read()).get("service_ready"))
-        except (OSError, ValueError):
-            return False
+        health = f"http://{self.host}:{self.metrics_port}/health"
+        if self.prefix:  # e.g. inside a network namespace: probe from there
+            probe = [*self.prefix, sys.executable, "-m", "services.store.mooncake_proc", health]
+            return subprocess.run(probe, capture_output=True, timeout=10).returncode == 0
+        return _ready(health)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout_s``; all keys are lost."""
@@ -95,7 +94,7 @@ class MasterHandle:
     def restart(self, timeout_s: float = 20.0) -> MasterHandle:
         """Start a fresh master on the same address and ports (after ``stop`` or ``kill``)."""
         return _launch(self.argv, self.host, self.rpc_port, self.metrics_port,
-                       self.http_metadata_port, self.log_path, timeout_s)
+                       self.http_metadata_port, self.log_path, timeout_s, self.prefix)
 
 
 def start_master(
@@ -106,8 +105,12 @@ def start_master(
     client_ttl_s: int = 10,
     log_path: Path | None = None,
     timeout_s: float = 20.0,
+    prefix: list[str] | None = None,
 ) -> MasterHandle:
     """Start ``mooncake_master`` bound to ``host`` (0 ports: free ones) and wait until it serves.
+
+    ``prefix`` runs it under a wrapper, e.g. ``["ip", "netns", "exec", NS]``; give explicit
+    ports then, since free ones are looked up here.
 
     ``client_ttl_s``: after this long without heartbeats a client's segment is dropped, and
     reads of keys in it turn from "transfer failed" into "no such key".
@@ -127,16 +130,16 @@ def start_master(
             "--enable_http_metadata_server=true",
             f"--http_metadata_server_host={host}", f"--http_metadata_server_port={http_port}",
         ]
-    return _launch(argv, host, rpc_port, metrics_port, http_port, log_path, timeout_s)
+    return _launch(argv, host, rpc_port, metrics_port, http_port, log_path, timeout_s, prefix or [])
 
 
 def _launch(
     argv: list[str], host: str, rpc_port: int, metrics_port: int, http_port: int | None,
-    log_path: Path | None, timeout_s: float,
+    log_path: Path | None, timeout_s: float, prefix: list[str],
 ) -> MasterHandle:
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-    handle = MasterHandle(process, host, rpc_port, metrics_port, http_port, log_path, argv)
+    process = subprocess.Popen([*prefix, *argv], stdout=out, stderr=subprocess.STDOUT)
+    handle = MasterHandle(process, host, rpc_port, metrics_port, http_port, log_path, argv, prefix)
     deadline = time.monotonic() + timeout_s
     while not handle.serving():
         if process.poll() is not None or time.monotonic() > deadline:
@@ -202,6 +205,14 @@ def start_holder(
     return HolderHandle(process, line.split()[1])
 
 
+def _ready(health_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(health_url, timeout=1.0) as reply:
+            return bool(json.loads(reply.read()).get("service_ready"))
+    except (OSError, ValueError):
+        return False
+
+
 def _stop(process: subprocess.Popen, timeout_s: float) -> None:  # type: ignore[type-arg]
     if process.poll() is not None:
         return
@@ -211,3 +222,8 @@ def _stop(process: subprocess.Popen, timeout_s: float) -> None:  # type: ignore[
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+if __name__ == "__main__":
+    # ``python -m services.store.mooncake_proc HEALTH_URL``: exit 0 when that master is ready.
+    sys.exit(0 if _ready(sys.argv[1]) else 1)
