@@ -83,6 +83,34 @@ def set_ref(req: Any, ref: dict[str, Any]) -> None:
     req.customized_info[wire.RESPONSE_KEY] = [ref]
 
 
+# Registered memory the store keeps for itself (its empty-tensor marker, alignment).
+_REGISTERED_RESERVE = 1 << 20
+
+
+def registered_limit(store: Any) -> int | None:
+    """Bytes of registered memory the store holds, where its config says (Mooncake's
+    ``buffer_mb``); None when unknown."""
+    buffer_mb = getattr(getattr(store, "config", None), "buffer_mb", None)
+    return buffer_mb << 20 if isinstance(buffer_mb, int) else None
+
+
+def registered_allocator(store: RegisteredMemory) -> Callable[[int], torch.Tensor]:
+    """Staging memory from the store's registered buffer, refusing sizes it cannot hold:
+    waiting for registered memory that can never free up would stall the scheduler."""
+    limit = registered_limit(store)
+
+    def allocate(nbytes: int) -> torch.Tensor:
+        if limit is not None and align(nbytes) > limit - _REGISTERED_RESERVE:
+            raise MemoryError(
+                f"a capture batch needs {nbytes} bytes of registered memory, the store "
+                f"registered {limit}: raise buffer_mb in DRAFTFLOW_STORE_URL or lower "
+                "SGLang's --max-prefill-tokens"
+            )
+        return store.empty((nbytes,), torch.uint8)
+
+    return allocate
+
+
 class CaptureHooks:
     """Per-process capture state and the wrappers installed on SGLang's scheduler classes."""
 
@@ -218,9 +246,12 @@ class CaptureHooks:
         if self._writer is None or self._staging is None:
             store = self._open_store()
             if isinstance(store, RegisteredMemory):
-                self._staging = HostStaging(
-                    self._staging_bytes, lambda n: store.empty((n,), torch.uint8)
+                allocate = registered_allocator(store)
+                limit = registered_limit(store)
+                initial = (
+                    self._staging_bytes if limit is None else min(self._staging_bytes, limit // 2)
                 )
+                self._staging = HostStaging(initial, allocate)
             else:
                 self._staging = HostStaging(self._staging_bytes)
             self._writer = BatchWriter(store)

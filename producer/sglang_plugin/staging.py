@@ -57,21 +57,27 @@ class HostStaging:
             raise RuntimeError("cannot resize the staging buffer while a batch holds views")
         if nbytes <= self.capacity:
             return
-        new_capacity = max(nbytes, 2 * self.capacity)
-        log.info(
-            "growing the capture staging buffer from %d to %d bytes",
-            self.capacity,
-            new_capacity,
-            extra=event("staging_grow", capacity=new_capacity),
-        )
         old_capacity = self.capacity
-        # Registered memory is finite: give the old buffer back before taking a larger one.
+        # Registered memory is finite: give the old buffer back before taking a larger one,
+        # and settle for the exact size when doubling does not fit.
         del self._buffer
-        try:
-            self._buffer = self._allocate(new_capacity)
-        except Exception:
-            self._buffer = self._allocate(old_capacity)
-            raise
+        error: Exception | None = None
+        for candidate in dict.fromkeys((max(nbytes, 2 * old_capacity), nbytes)):
+            try:
+                self._buffer = self._allocate(candidate)
+            except Exception as exc:
+                error = exc
+                continue
+            log.info(
+                "grew the capture staging buffer from %d to %d bytes",
+                old_capacity,
+                candidate,
+                extra=event("staging_grow", capacity=candidate),
+            )
+            return
+        self._buffer = self._allocate(old_capacity)
+        assert error is not None
+        raise error
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A view of the next free bytes with ``shape`` and ``dtype``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -318,3 +319,23 @@ def test_installing_twice_is_refused_and_uninstall_restores(store, hooked) -> No
         install_on_fakes(store)
     plugin.uninstall(fakes.SchedulerBatchResultProcessor, fakes.SchedulerOutputStreamer)
     assert fakes.SchedulerBatchResultProcessor.__dict__["_append_prefill_hidden_states"] is original
+
+
+def test_a_batch_beyond_the_registered_memory_fails_retryably_and_the_next_one_works(
+    hooked,
+) -> None:
+    store = CountingBatchStore()
+    store.config = SimpleNamespace(buffer_mb=2)  # type: ignore[attr-defined]
+    hooks = install_on_fakes(store, staging_bytes=64 << 20)
+    scheduler = fakes.FakeScheduler(HIDDEN, AUX_LAYERS)
+    assert hooks._staging is None
+
+    [big] = scheduler.run([capture_body("big", [1 + i % 60 for i in range(9000)])])
+    [small] = scheduler.run([capture_body("small", [1, 2, 3])])
+
+    ref = wire.ref_from_meta_info(big["meta_info"])
+    assert ref["ok"] is False and ref["retryable"] is True
+    assert "raise buffer_mb" in ref["error"]
+    assert wire.ref_from_meta_info(small["meta_info"])["ok"] is True
+    # Started at half the registered memory, not at the 64 MiB asked for.
+    assert hooks._staging is not None and hooks._staging.capacity == 1 << 20
