@@ -119,6 +119,7 @@ class Producer:
         self._cfg = config
         self._clock = clock
         self.stats = ProducerStats()
+        self.run_id = config.run_id
         self.session_id = ""
         self._lease_s = run.config.lease.lease_seconds
         self._heartbeat_s = run.config.lease.heartbeat_seconds

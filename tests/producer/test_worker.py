@@ -5,117 +5,31 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
-from transformers import AutoTokenizer
+from sqlalchemy import text
 
-from coordinator.server import CoordinatorConfig, CoordinatorProcess
 from producer.dataprep import messages_from_conversation, prepare_prompt
-from producer.engines import EngineConfig, create_engine
-from producer.engines.hf import HFEngine
 from producer.features import EAGLE3_TENSORS
-from producer.vocab import describe_run, run_config_proto
-from producer.worker import FingerprintMismatch, Producer, WorkerConfig
-from services.api import common_pb2, coordinator_pb2_grpc
+from producer.worker import FingerprintMismatch
+from services.api import common_pb2
 from services.api import coordinator_pb2 as cpb
-from services.config import RunConfigFile
 from services.dataset import parse_line, prompt_id
-from services.rpc.client import open_channel
-from services.rpc.server import ServerConfig
-from services.store.base import FeatureStore
 from services.store.memory import MemoryStore
-from services.tiny_model import DEFAULT_DATASET
+from tests.producer.helpers import create_run, lines, make_producer, read_all_steps, status
 
 LONG_USER = json.dumps({"conversations": [
     {"from": "human", "value": "word " * 200}, {"from": "gpt", "value": "ok"}]})
 TOO_LONG_REASON = "no assistant token within max_length=96"
 
 
-@pytest.fixture
-def coordinator(tmp_path: Path) -> Iterator[CoordinatorProcess]:
-    proc = CoordinatorProcess(CoordinatorConfig(
-        db_url=f"sqlite:///{tmp_path / 'c.db'}", server=ServerConfig(listen="127.0.0.1:0"),
-        reap_seconds=0.1))
-    yield proc
-    proc.stop(grace=0.5)
-
-
-@pytest.fixture
-def stub(coordinator: CoordinatorProcess) -> Iterator[coordinator_pb2_grpc.CoordinatorServiceStub]:
-    channel = open_channel(f"127.0.0.1:{coordinator.port}")
-    yield coordinator_pb2_grpc.CoordinatorServiceStub(channel)
-    channel.close()
-
-
-@pytest.fixture(scope="module")
-def engine(llama_dir: Path) -> HFEngine:
-    e = create_engine("hf", EngineConfig(model_path=str(llama_dir), device="cpu"))
-    assert isinstance(e, HFEngine)
-    return e
-
-
-@pytest.fixture
-def store() -> MemoryStore:
-    return MemoryStore(f"producer-test-{uuid.uuid4().hex[:8]}", store_id="mem")
-
-
-def _lines(n: int) -> list[str]:
-    return DEFAULT_DATASET.read_text().splitlines()[:n]
-
-
-def create_run(stub, model_dir: Path, lines: list[str], run_id: str = "r1", epochs: int = 1,
-               lease_seconds: float = 30, heartbeat_seconds: float = 1,
-               max_attempts: int = 3) -> cpb.Run:
-    cfg = RunConfigFile.model_validate({
-        "run_id": run_id, "dataset": "conversations.jsonl", "epochs": epochs,
-        "target": {"model_path": str(model_dir), "revision": "tiny"},
-        "capture": {"max_length": 96}, "draft": {"draft_vocab_size": 256},
-        "lease": {"lease_seconds": lease_seconds, "heartbeat_seconds": heartbeat_seconds,
-                  "heartbeat_misses": 2, "max_attempts": max_attempts},
-        "watermark": {"high_samples": 0, "low_samples": 0},
-    })
-    facts = describe_run(model_dir, cfg, lines)
-    resp = stub.CreateRun(cpb.CreateRunRequest(
-        run_id=run_id, config=run_config_proto(cfg, facts), dataset_lines=lines,
-        vocab_map=facts.vocab_map))
-    return resp.run
-
-
-def make_producer(stub, store: FeatureStore, engine: HFEngine, model_dir: Path, run: cpb.Run,
-                  **kw: object) -> Producer:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return Producer(stub, store, engine, tokenizer, run,
-                    WorkerConfig(run_id=run.run_id, identity="test-producer", **kw))
-
-
-def status(stub, run_id: str = "r1") -> cpb.RunStatus:
-    return stub.GetRunStatus(cpb.GetRunStatusRequest(run_id=run_id)).status
-
-
-def drain_steps(stub, run: cpb.Run, store: FeatureStore) -> list[tuple[common_pb2.SampleRef,
-                                                                        dict[str, torch.Tensor]]]:
-    """Stream every step as a trainer would, read each sample, commit the step."""
-    tid = stub.RegisterWorker(cpb.RegisterWorkerRequest(
-        run_id=run.run_id, role=common_pb2.WORKER_ROLE_TRAINER, fingerprint=run.fingerprint,
-        identity="test-trainer")).session_id
-    out = []
-    for msg in stub.StreamSteps(cpb.StreamStepsRequest(session_id=tid, rank=0, from_step=1,
-                                                       prefetch=4)):
-        if msg.end_of_data:
-            break
-        out.extend((ref, store.get_sample(ref.tensors)) for ref in msg.refs)
-        stub.CommitStep(cpb.CommitStepRequest(session_id=tid, step=msg.step, loss=0.0))
-    return out
-
-
 def test_every_prompt_is_captured_once_per_epoch(stub, store, engine, llama_dir: Path,
                                                  llama_tokenizer) -> None:
-    lines = [*_lines(12), LONG_USER]
-    run = create_run(stub, llama_dir, lines, epochs=2)
+    rows = [*lines(12), LONG_USER]
+    run = create_run(stub, llama_dir, rows, epochs=2)
     stats = make_producer(stub, store, engine, llama_dir, run, lease_batch=5).run()
     assert stats.samples_committed == 24
     assert stats.prompts_failed == 2
@@ -124,8 +38,8 @@ def test_every_prompt_is_captured_once_per_epoch(stub, store, engine, llama_dir:
     assert st.prompts.get("PENDING", 0) == st.prompts.get("LEASED", 0) == 0
     assert [w for w in st.workers if w.role == common_pb2.WORKER_ROLE_PRODUCER] == []
 
-    convs = {prompt_id(parse_line(line)): parse_line(line) for line in lines}
-    samples = drain_steps(stub, run, store)
+    convs = {prompt_id(parse_line(row)): parse_line(row) for row in rows}
+    samples = read_all_steps(stub, run, store)
     assert sorted(ref.sample_id for ref, _ in samples) == sorted(
         f"{pid}:e{e}" for pid in convs if pid != prompt_id(parse_line(LONG_USER))
         for e in range(len({r.epoch for r, _ in samples})))
@@ -146,11 +60,9 @@ def test_every_prompt_is_captured_once_per_epoch(stub, store, engine, llama_dir:
 
 
 def test_too_long_row_is_dead_with_its_reason(stub, store, engine, llama_dir: Path,
-                                              coordinator: CoordinatorProcess) -> None:
-    run = create_run(stub, llama_dir, [*_lines(3), LONG_USER])
+                                              coordinator) -> None:
+    run = create_run(stub, llama_dir, [*lines(3), LONG_USER])
     make_producer(stub, store, engine, llama_dir, run).run()
-    from sqlalchemy import text
-
     with coordinator.engine.connect() as conn:
         rows = conn.execute(text("SELECT * FROM samples")).mappings().all()
     dead = [r for r in rows if r["prompt_state"] == "DEAD"]
@@ -160,7 +72,7 @@ def test_too_long_row_is_dead_with_its_reason(stub, store, engine, llama_dir: Pa
 
 
 def test_fingerprint_mismatch_is_refused(stub, store, engine, llama_dir: Path) -> None:
-    run = create_run(stub, llama_dir, _lines(3))
+    run = create_run(stub, llama_dir, lines(3))
     producer = make_producer(stub, store, engine, llama_dir, run, revision="other-weights")
     with pytest.raises(FingerprintMismatch) as info:
         producer.register()
@@ -170,7 +82,7 @@ def test_fingerprint_mismatch_is_refused(stub, store, engine, llama_dir: Path) -
 
 def test_drain_commits_in_flight_and_gives_the_rest_back(stub, store, engine,
                                                          llama_dir: Path) -> None:
-    run = create_run(stub, llama_dir, _lines(30))
+    run = create_run(stub, llama_dir, lines(30))
     first = make_producer(stub, store, engine, llama_dir, run, lease_batch=4)
     original = first._commit
     drained = threading.Event()
@@ -194,7 +106,7 @@ def test_drain_commits_in_flight_and_gives_the_rest_back(stub, store, engine,
 
 def test_a_dead_producers_leases_are_recaptured_once(stub, store, engine,
                                                      llama_dir: Path) -> None:
-    run = create_run(stub, llama_dir, _lines(6), lease_seconds=1.5, heartbeat_seconds=0.5)
+    run = create_run(stub, llama_dir, lines(6), lease_seconds=1.5, heartbeat_seconds=0.5)
     ghost = stub.RegisterWorker(cpb.RegisterWorkerRequest(
         run_id="r1", role=common_pb2.WORKER_ROLE_PRODUCER, fingerprint=run.fingerprint,
         identity="ghost")).session_id
@@ -212,7 +124,7 @@ def test_a_dead_producers_leases_are_recaptured_once(stub, store, engine,
 
 
 def test_full_store_fails_prompts_retryably_until_dead(stub, engine, llama_dir: Path) -> None:
-    run = create_run(stub, llama_dir, _lines(2), max_attempts=2)
+    run = create_run(stub, llama_dir, lines(2), max_attempts=2)
     tiny = MemoryStore(f"full-{uuid.uuid4().hex[:8]}", store_id="mem", capacity_bytes=1024)
     stats = make_producer(stub, tiny, engine, llama_dir, run,
                           store_full_backoff_s=0.05, store_full_wait_s=0.3).run()
@@ -222,7 +134,7 @@ def test_full_store_fails_prompts_retryably_until_dead(stub, engine, llama_dir: 
 
 
 def test_full_store_waits_for_room(stub, engine, llama_dir: Path) -> None:
-    run = create_run(stub, llama_dir, _lines(3), lease_seconds=30)
+    run = create_run(stub, llama_dir, lines(3), lease_seconds=30)
     name = f"room-{uuid.uuid4().hex[:8]}"
     filler = MemoryStore(name, store_id="mem")
     filler.put_sample("other", "x:e0", 0, {"blob": torch.zeros(4 << 20, dtype=torch.uint8)})

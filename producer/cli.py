@@ -1,0 +1,135 @@
+"""``draftflow producer``: run the target model over a run's prompts and feed the trainers."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import threading
+
+EPILOG = """\
+What it does:
+  registers with the coordinator (the run's fingerprint must match this node's tokenizer and
+  capture layers), leases prompts, captures EAGLE3 features with the target model, writes them
+  to the feature store and commits their refs. It stops when every prompt is captured, or on
+  SIGTERM / Ctrl-C / the Drain RPC: in-flight work is finished and committed, leases given back.
+
+Examples:
+  # a CPU node, tiny model, Mooncake master on the control host
+  draftflow producer --coordinator ctl:50051 --run tiny \\
+      --store 'mooncake://ctl:50061?local=10.0.0.7&segment_mb=1024'
+  # a GPU node whose copy of the target lives elsewhere than the run config says
+  draftflow producer --coordinator ctl:50051 --run r1 --model-path /models/llama-3.1-8b \\
+      --device cuda --lease-batch 32 --token-budget 32768 --store "$STORE"
+  # see how it is doing
+  grpcurl -plaintext localhost:50052 draftflow.v1.ProducerService/GetStatus
+"""
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name, default)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``producer`` subcommand."""
+    p = sub.add_parser(
+        "producer",
+        help="capture target-model features for a run and commit them (the inference side)",
+        description="Serve as a producer for one run: lease prompts from the coordinator, run "
+        "the target model, write features to the feature store, commit refs.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--coordinator", required=_env("DRAFTFLOW_COORDINATOR") is None,
+                   default=_env("DRAFTFLOW_COORDINATOR"),
+                   help="coordinator HOST:PORT [$DRAFTFLOW_COORDINATOR]")
+    p.add_argument("--run", required=_env("DRAFTFLOW_RUN") is None, default=_env("DRAFTFLOW_RUN"),
+                   help="run id, as given to `draftflow run create` [$DRAFTFLOW_RUN]")
+    p.add_argument("--store", default=_env("DRAFTFLOW_STORE", "mooncake://127.0.0.1:50061"),
+                   help="feature store URL: mooncake://MASTER:PORT?local=THIS_NODE_IP&"
+                   "segment_mb=N (see docs/feature-store.md) or memory://NAME for one process "
+                   "[$DRAFTFLOW_STORE, default mooncake://127.0.0.1:50061]")
+    p.add_argument("--engine", default=_env("DRAFTFLOW_ENGINE", "hf"), choices=("hf",),
+                   help="capture engine: hf (transformers, CPU or GPU) [$DRAFTFLOW_ENGINE]")
+    p.add_argument("--model-path", default=_env("DRAFTFLOW_MODEL_PATH"),
+                   help="target model directory on this node (default: the run's "
+                   "target.model_path) [$DRAFTFLOW_MODEL_PATH]")
+    p.add_argument("--device", default=_env("DRAFTFLOW_DEVICE", "auto"),
+                   help="auto (CUDA when available), cpu, cuda or cuda:N [$DRAFTFLOW_DEVICE]")
+    p.add_argument("--dtype", default=_env("DRAFTFLOW_DTYPE", "auto"),
+                   choices=("auto", "bfloat16", "float16", "float32"),
+                   help="model dtype; auto is bfloat16 on GPU, float32 on CPU [$DRAFTFLOW_DTYPE]")
+    p.add_argument("--revision", default=_env("DRAFTFLOW_REVISION"),
+                   help="label of this node's target weights; must equal the run's "
+                   "target.revision (default: trust the run) [$DRAFTFLOW_REVISION]")
+    p.add_argument("--lease-batch", type=int, default=int(_env("DRAFTFLOW_LEASE_BATCH", "8") or 8),
+                   help="prompts leased and captured together (default 8)")
+    p.add_argument("--token-budget", type=int,
+                   default=int(_env("DRAFTFLOW_TOKEN_BUDGET", "8192") or 8192),
+                   help="most padded tokens in one forward pass (default 8192)")
+    p.add_argument("--listen", default=_env("DRAFTFLOW_PRODUCER_LISTEN", "127.0.0.1:50052"),
+                   help="HOST:PORT of ProducerService [$DRAFTFLOW_PRODUCER_LISTEN, "
+                   "default 127.0.0.1:50052; port 0 picks a free one]")
+    p.add_argument("--token", default=_env("DRAFTFLOW_TOKEN"),
+                   help="bearer token, sent to the coordinator and required by this "
+                   "producer's own service [$DRAFTFLOW_TOKEN]")
+    p.add_argument("--insecure", action="store_true",
+                   help="serve beyond loopback without a token (private networks only)")
+    p.add_argument("--tls-ca", default=_env("DRAFTFLOW_TLS_CA"),
+                   help="PEM CA of a coordinator that serves TLS [$DRAFTFLOW_TLS_CA]")
+    p.add_argument("--metrics-port", type=int,
+                   default=int(_env("DRAFTFLOW_METRICS_PORT", "9102") or 9102),
+                   help="Prometheus /metrics port, -1 to disable [$DRAFTFLOW_METRICS_PORT, "
+                   "default 9102]")
+    p.add_argument("--metrics-addr", default=_env("DRAFTFLOW_METRICS_ADDR", "127.0.0.1"),
+                   help="address for /metrics [$DRAFTFLOW_METRICS_ADDR, default 127.0.0.1]")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import grpc
+
+    from producer.engines import EngineError
+    from producer.service import ProducerConfig, ProducerProcess
+    from producer.worker import FingerprintMismatch, WorkerConfig
+    from services.rpc.server import ServerConfig
+
+    identity = f"{socket.gethostname()}:{os.getpid()}"
+    cfg = ProducerConfig(
+        coordinator=args.coordinator, run_id=args.run, store_url=args.store, engine=args.engine,
+        model_path=args.model_path, device=args.device, dtype=args.dtype,
+        token_budget=args.token_budget,
+        worker=WorkerConfig(run_id=args.run, identity=identity, lease_batch=args.lease_batch,
+                            revision=args.revision),
+        coordinator_token=args.token, coordinator_ca=args.tls_ca,
+        server=ServerConfig(listen=args.listen, auth_token=args.token, insecure=args.insecure),
+        metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
+    )
+    try:
+        proc = ProducerProcess(cfg)
+    except FingerprintMismatch as exc:
+        raise SystemExit(f"draftflow producer: refused by the coordinator: {exc}") from None
+    except (EngineError, ValueError) as exc:
+        raise SystemExit(f"draftflow producer: {exc}") from None
+    except grpc.RpcError as exc:
+        raise SystemExit(f"draftflow producer: coordinator {args.coordinator}: "
+                         f"{exc.code().name}: {exc.details()}") from None
+    print(f"producer listening on port {proc.port}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    failed: BaseException | None = None
+    try:
+        # Until the data is exhausted, or SIGTERM/SIGINT asks for a drain.
+        while not stop.is_set() and proc.wait(timeout=0.2) is None:
+            pass
+    except Exception as exc:
+        failed = exc
+    proc.stop()
+    if failed is not None:
+        raise SystemExit(f"draftflow producer: the work loop failed: {failed}")
+    stats = proc.producer.stats
+    print(f"producer done: {stats.samples_committed} samples committed, "
+          f"{stats.prompts_failed} prompts failed", flush=True)
+    return 0
