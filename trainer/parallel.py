@@ -32,10 +32,13 @@ class DistContext:
         return self.world_size > 1
 
 
-def init_distributed(device: str | None = None, timeout_s: float = 600.0) -> DistContext:
+def init_distributed(
+    device: str | None = None, timeout_s: float = 600.0, init_method: str | None = None
+) -> DistContext:
     """Join the group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, ...).
 
     Without those variables this is a single process. NCCL on CUDA, gloo on CPU.
+    ``init_method`` overrides the rendezvous (default: env://, MASTER_ADDR / MASTER_PORT).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -47,7 +50,7 @@ def init_distributed(device: str | None = None, timeout_s: float = 600.0) -> Dis
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world,
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
     return DistContext(rank=rank, world_size=world, device=dev)
 

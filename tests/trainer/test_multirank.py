@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,17 +17,11 @@ from trainer.steps import Geometry, InProcessSteps
 STEPS = 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, port: int, mode: str, tiny, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
+def _rank_main(rank: int, mode: str, tiny, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    ctx = init_distributed("cpu", timeout_s=120)
+    # A file rendezvous: no port to race for on a shared machine.
+    ctx = init_distributed("cpu", timeout_s=120, init_method=f"file://{out}/rendezvous")
     try:
         geo = Geometry(2, 1, 2)
         trainer = make_trainer(tiny, geometry=geo, dist_ctx=ctx, parallel=mode,
@@ -43,7 +36,7 @@ def _rank_main(rank: int, port: int, mode: str, tiny, out: str) -> None:
 
 
 def test_two_ranks_match_one(tiny, tmp_path: Path) -> None:
-    mp.spawn(_rank_main, args=(_free_port(), "ddp", tiny, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=("ddp", tiny, str(tmp_path)), nprocs=2, join=True)
 
     single = make_trainer(tiny, geometry=Geometry(1, 1, 4))
     losses = []
