@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import Connection, Engine, Row, func, insert, select, update
+from sqlalchemy import Connection, Engine, Row, func, insert, select, text, update
 from sqlalchemy import delete as sql_delete
 
 from coordinator import queries as q
@@ -172,7 +172,7 @@ class Coordinator:
             ])
             conn.execute(insert(S), [
                 {"run_id": run_id, "sample_id": sample_id(pid, e), "prompt_id": pid,
-                 "epoch": e, "position": i, "prompt_state": PromptState.PENDING,
+                 "epoch": e, "position": i, "prompt_state": PromptState.PENDING, "priority": 1,
                  "sample_state": None, "attempts": 0, "losses": 0, "generation": 0,
                  "reason": "", "nbytes": 0, "num_tokens": 0}
                 for e in range(config.epochs)
@@ -183,6 +183,11 @@ class Coordinator:
                     {"run_id": run_id, "line": b.line, "reason": b.reason} for b in bad
                 ])
             run = self._run_proto(self._run_row(conn, run_id))
+        if self.engine.dialect.name == "postgresql":
+            # Fresh statistics, so the planner uses the indexes from the first lease on.
+            with self.engine.connect() as conn:
+                conn.execute(text("ANALYZE samples, prompts"))
+                conn.commit()
         log.info("run created", extra=event("run_created", run_id=run_id,
                                               prompts=len(prompts), bad_rows=len(bad)))
         return cpb.CreateRunResponse(run=run, bad_rows=bad, duplicate_prompts=duplicates)

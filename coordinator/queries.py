@@ -36,12 +36,12 @@ def lease_stmt(run_id: str, session_id: str, token: str, deadline: float, limit:
     pick = (
         select(S.c.id)
         .where(S.c.run_id == run_id, S.c.prompt_state == PromptState.PENDING)
-        .order_by(case((S.c.step.is_(None), 1), else_=0), S.c.epoch, S.c.position)
+        .order_by(S.c.priority, S.c.epoch, S.c.position)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
     if only_assigned:
-        pick = pick.where(S.c.step.is_not(None))
+        pick = pick.where(S.c.priority == 0)
     return (
         update(S)
         .where(S.c.id.in_(pick))
@@ -79,7 +79,8 @@ def accept_stmt() -> Update:
     """Executemany: a leased row becomes a captured sample (READY, or ASSIGNED on recapture)."""
     return (
         update(S).where(S.c.id == bindparam("_id"))
-        .values(prompt_state=PromptState.CAPTURED, sample_state=bindparam("sample_state"),
+        .values(prompt_state=PromptState.CAPTURED, priority=1,
+                sample_state=bindparam("sample_state"),
                 ref=bindparam("ref"), nbytes=bindparam("nbytes"),
                 num_tokens=bindparam("num_tokens"), committed_at=bindparam("committed_at"),
                 lease_token=None, lease_session=None, lease_deadline=None)
@@ -146,7 +147,8 @@ def rollback_to(conn: Connection, run_id: str, checkpoint: int) -> None:
     conn.execute(update(S).where(S.c.run_id == run_id, S.c.step > checkpoint,
                                  S.c.sample_state == SampleState.RETIRED)
                  .values(sample_state=SampleState.LOST, prompt_state=PromptState.PENDING,
-                         generation=S.c.generation + 1, reason="freed before a rollback"))
+                         priority=0, generation=S.c.generation + 1,
+                         reason="freed before a rollback"))
     conn.execute(update(RUNS).where(RUNS.c.run_id == run_id).values(
         last_committed_step=checkpoint,
         state=case((RUNS.c.state == "COMPLETED", "ACTIVE"), else_=RUNS.c.state)))
@@ -162,7 +164,8 @@ def mark_lost(conn: Connection, row: Any, reason: str, max_deliveries: int) -> b
         return False
     conn.execute(update(S).where(S.c.id == row.id).values(
         sample_state=SampleState.LOST, prompt_state=PromptState.PENDING, losses=losses,
-        generation=row.generation + 1, reason=reason))
+        priority=0 if row.step is not None else 1, generation=row.generation + 1,
+        reason=reason))
     return True
 
 

@@ -93,7 +93,8 @@ class SampleRow(Base):
     __tablename__ = "samples"
     __table_args__ = (
         UniqueConstraint("run_id", "sample_id", name="uq_samples_run_sample"),
-        Index("ix_samples_lease_order", "run_id", "prompt_state", "epoch", "position"),
+        Index("ix_samples_lease_order", "run_id", "prompt_state", "priority", "epoch",
+              "position"),
         Index("ix_samples_ready_order", "run_id", "sample_state", "committed_at"),
         Index("ix_samples_step", "run_id", "step", "slot"),
         Index("ix_samples_session", "lease_session"),
@@ -106,6 +107,8 @@ class SampleRow(Base):
     epoch: Mapped[int] = mapped_column(Integer)
     position: Mapped[int] = mapped_column(Integer)
     prompt_state: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[int] = mapped_column(Integer, default=1)
+    """Lease order: 0 for recaptures that an assigned step waits for, 1 otherwise."""
     sample_state: Mapped[str | None] = mapped_column(String(16), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     losses: Mapped[int] = mapped_column(Integer, default=0)

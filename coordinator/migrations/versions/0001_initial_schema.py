@@ -76,6 +76,7 @@ def upgrade() -> None:
         sa.Column("epoch", sa.Integer(), nullable=False),
         sa.Column("position", sa.Integer(), nullable=False),
         sa.Column("prompt_state", sa.String(length=16), nullable=False),
+        sa.Column("priority", sa.Integer(), nullable=False),
         sa.Column("sample_state", sa.String(length=16), nullable=True),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("losses", sa.Integer(), nullable=False),
@@ -96,7 +97,9 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("samples", schema=None) as batch_op:
         batch_op.create_index(
-            "ix_samples_lease_order", ["run_id", "prompt_state", "epoch", "position"], unique=False
+            "ix_samples_lease_order",
+            ["run_id", "prompt_state", "priority", "epoch", "position"],
+            unique=False,
         )
         batch_op.create_index(
             "ix_samples_ready_order", ["run_id", "sample_state", "committed_at"], unique=False
