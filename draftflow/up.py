@@ -1,0 +1,239 @@
+"""``draftflow up``: the whole system on one machine, each role its own process.
+
+Order: tiny target (built once) → Mooncake master + holder → coordinator (SQLite) → run →
+producers → trainer. Progress comes from the coordinator's run status; Ctrl-C stops everything
+in reverse order. Running it again continues the same run from its database and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from draftflow.stack import Child, Stack
+from services.api import coordinator_pb2 as cpb
+from services.api import coordinator_pb2_grpc
+from services.logs import event
+from services.rpc.client import open_channel
+from services.store.mooncake_proc import MasterHandle, free_port, start_holder, start_master
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "examples" / "tiny.yaml"
+
+
+@dataclass
+class UpOptions:
+    config: Path = DEFAULT_CONFIG
+    """Run config; the default trains a tiny target built locally."""
+    workdir: Path = REPO / ".draftflow"
+    """Database, logs, checkpoints and the exported draft go here."""
+    producers: int = 1
+    """Producer processes."""
+    segment_mb: int = 1024
+    """Memory the Mooncake holder contributes for features in flight."""
+    fresh: bool = False
+    """Forget the previous run (database, checkpoints, export) and start over."""
+    device: str = "cpu"
+    """Device for the producers and the trainer."""
+    timeout_s: float = 3600.0
+    """Give up (and stop everything) after this long."""
+
+
+class UpError(RuntimeError):
+    """``draftflow up`` cannot go on; the message says why and what to look at."""
+
+
+def _wait_healthy(target: str, child: Child, timeout_s: float = 60.0) -> None:
+    stub = health_pb2_grpc.HealthStub(open_channel(target))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not child.alive():
+            raise UpError(f"{child.name} exited during start-up:\n{child.log_tail()}")
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.2)
+    raise UpError(f"{child.name} did not become healthy at {target}; see {child.log_path}")
+
+
+def _prepare_target(config_path: Path, console: Console) -> None:
+    """Build the tiny target when the default config names it and it is not there yet."""
+    from services.config import load_run_config
+
+    cfg = load_run_config(config_path)
+    model = cfg.model_path(config_path)
+    if (model / "config.json").is_file():
+        return
+    if config_path.resolve() != DEFAULT_CONFIG.resolve():
+        raise UpError(f"target.model_path {model} has no model; point the config at a local "
+                      "Hugging Face model directory")
+    from services.tiny_model import build_tiny_target
+
+    with console.status(f"building the tiny target model in {model} (once)"):
+        build_tiny_target(model)
+
+
+def run(opts: UpOptions) -> int:
+    console = Console()
+    config = opts.config.resolve()
+    work = opts.workdir.resolve()
+    if opts.fresh and work.exists():
+        for name in ("coordinator.db", "coordinator.db-wal", "coordinator.db-shm"):
+            (work / name).unlink(missing_ok=True)
+        shutil.rmtree(work / "runs", ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    _prepare_target(config, console)
+    stack = Stack(work / "logs")
+    master: MasterHandle | None = None
+    holder = None
+    started = time.monotonic()
+    try:
+        with console.status("starting Mooncake master and holder"):
+            master = start_master(log_path=work / "logs" / "mooncake-master.log")
+            holder = start_holder(master.address, opts.segment_mb)
+        store_url = master.url("draftflow")
+        port = free_port()
+        target = f"127.0.0.1:{port}"
+        coordinator = stack.python("coordinator", [
+            "draftflow", "--log-format", "json", "coordinator", "--listen", target,
+            "--db", f"sqlite:///{work / 'coordinator.db'}", "--metrics-port", "-1"])
+        with console.status("starting the coordinator"):
+            _wait_healthy(target, coordinator)
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(open_channel(target))
+        with console.status("creating the run (tokenizing the dataset, building the vocab map)"):
+            run_obj = _create_run(stub, config)
+        run_id = run_obj.run_id
+        out_dir = work / "runs" / run_id
+        console.print(f"run [bold]{run_id}[/]: {run_obj.num_prompts} prompts x "
+                      f"{run_obj.config.epochs} epochs; logs in {stack.log_dir}")
+        common = ["--coordinator", target, "--run", run_id, "--store", store_url,
+                  "--metrics-port", "-1", "--listen", "127.0.0.1:0"]
+        for i in range(opts.producers):
+            stack.python(f"producer-{i}", ["draftflow", "--log-format", "json", "producer",
+                                           *common, "--device", opts.device])
+        world = run_obj.config.step.world_size
+        trainer_args = ["draftflow", "--log-format", "json", "trainer", *common,
+                        "--out", str(out_dir), "--device", opts.device]
+        if world > 1:
+            trainer = stack.python("trainer", ["torch.distributed.run", "--standalone",
+                                               f"--nproc-per-node={world}", "-m", *trainer_args])
+        else:
+            trainer = stack.python("trainer", trainer_args)
+        status = _follow(stub, run_id, stack, trainer, console, opts.timeout_s, started)
+        code = stack.wait_exit(trainer, 120.0)
+        if code != 0:
+            raise UpError(f"trainer exited with {code}:\n{trainer.log_tail()}")
+        _summary(console, status, out_dir, time.monotonic() - started)
+        return 0
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: stopping every process (run `draftflow up` again "
+                      "to continue)[/]")
+        return 130
+    except UpError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 1
+    finally:
+        stack.stop_all()
+        if holder is not None:
+            holder.stop()
+        if master is not None:
+            master.stop()
+
+
+def _create_run(stub: Any, config: Path) -> cpb.Run:
+    from draftflow.run_cli import create_run_request
+
+    request = create_run_request(config)
+    try:
+        return stub.CreateRun(request).run
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+            raise UpError(f"{exc.details()}\nthe config or dataset changed since the last "
+                          "`draftflow up`; start over with `draftflow up --fresh`") from None
+        raise
+
+
+def _follow(stub: Any, run_id: str, stack: Stack, trainer: Child, console: Console,
+            timeout_s: float, started: float) -> cpb.RunStatus:
+    columns = (TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        capture = progress.add_task("capture", total=None, rate="")
+        train = progress.add_task("train", total=None, rate="")
+        while True:
+            status = stub.GetRunStatus(cpb.GetRunStatusRequest(run_id=run_id)).status
+            total = sum(status.prompts.values()) - status.prompts["DEAD"]
+            progress.update(capture, total=total, completed=status.prompts["CAPTURED"],
+                            rate=f"{status.samples_committed_per_second:6.1f} samples/s")
+            progress.update(train, total=status.total_steps_estimate or None,
+                            completed=status.last_committed_step,
+                            rate=f"{status.steps_committed_per_second:6.2f} steps/s  "
+                                 f"loss {status.last_step_loss:.3f}")
+            if status.state == cpb.RUN_STATE_COMPLETED and not trainer.alive():
+                return status
+            if status.state == cpb.RUN_STATE_CANCELLED:
+                raise UpError("the run was cancelled")
+            broken = stack.failed(expected_exits=[c.name for c in stack.children
+                                                  if c.name.startswith(("producer", "trainer"))])
+            if broken is not None:
+                raise UpError(f"{broken.name} exited with {broken.process.returncode}; last "
+                              f"lines of {broken.log_path}:\n{broken.log_tail()}")
+            if not trainer.alive() and status.state != cpb.RUN_STATE_COMPLETED:
+                raise UpError(f"the trainer stopped before the run completed:\n"
+                              f"{trainer.log_tail()}")
+            if time.monotonic() - started > timeout_s:
+                raise UpError(f"not finished after {timeout_s:.0f} s; the run continues with "
+                              "the next `draftflow up`")
+            time.sleep(0.5)
+
+
+def _summary(console: Console, status: cpb.RunStatus, out_dir: Path, seconds: float) -> None:
+    table = Table(title="draftflow up — done", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("samples", f"{status.samples['TRAINED'] + status.samples['RETIRED']} trained, "
+                  f"{status.samples['DROPPED']} dropped (end-of-data tail), "
+                  f"{status.samples['DEAD']} dead, {status.samples['LOST']} lost")
+    table.add_row("steps", f"{status.last_committed_step}, final loss "
+                  f"{status.last_step_loss:.4f}")
+    metrics_path = out_dir / "metrics.json"
+    if metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text())
+        for key, label in (("eval_accuracy", "top-1 accuracy"),
+                           ("acceptance_length", "acceptance length"),
+                           ("chance_accuracy", "chance")):
+            if key in metrics:
+                value = metrics[key]
+                shown = (", ".join(f"{v:.3f}" for v in value) if isinstance(value, list)
+                         else f"{value:.3f}")
+                table.add_row(label, shown)
+    table.add_row("time", f"{seconds:.0f} s")
+    table.add_row("draft", str(out_dir / "final"))
+    console.print(table)
+    console.print(f"serve it: python -m sglang.launch_server --model-path TARGET "
+                  f"--speculative-algorithm EAGLE3 --speculative-draft-model-path "
+                  f"{out_dir / 'final'}")
+    log.info("up finished", extra=event("up_done", steps=status.last_committed_step))
