@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 
 from coordinator import db
 from coordinator.manager import Coordinator
+from coordinator.metrics import RunStatusCollector
 from coordinator.servicer import CoordinatorServicer
 from services.api import coordinator_pb2, coordinator_pb2_grpc
 from services.logs import event
-from services.metrics import MetricsInterceptor, serve_metrics
+from services.metrics import REGISTRY, MetricsInterceptor, serve_metrics
 from services.rpc.server import RunningServer, ServerConfig, create_server
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class CoordinatorProcess:
 
         self.running: RunningServer = create_server(cfg.server, register)
         self.port = self.running.port
+        if cfg.metrics_port >= 0:
+            REGISTRY.register(RunStatusCollector(self.manager))
         self.metrics_port = serve_metrics(cfg.metrics_port, cfg.metrics_addr)
         self._stop = threading.Event()
         self._healthy = True

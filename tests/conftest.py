@@ -91,3 +91,12 @@ def db_url(request: pytest.FixtureRequest) -> str:
     if request.param == "sqlite":
         return request.getfixturevalue("sqlite_url")
     return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture(scope="session")
+def tiny_target(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A tiny Llama target directory (config, weights, tokenizer), built once per session."""
+    from services.tiny_model import build_tiny_target
+
+    return build_tiny_target(tmp_path_factory.mktemp("target") / "tiny", num_layers=8,
+                             hidden_size=64)
