@@ -189,6 +189,11 @@ class Trainer:
         path = ckpt.latest_complete(self.checkpoint_dir)
         if path is None:
             return self.step
+        return self.load_checkpoint(path)
+
+    def load_checkpoint(self, path: str | Path) -> int:
+        """Restore the checkpoint directory ``path``; return the step it holds."""
+        path = Path(path)
         state, meta = ckpt.load_checkpoint(path)
         if meta.get("algorithm") != self.strategy.name:
             raise ValueError(

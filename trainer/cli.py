@@ -1,0 +1,154 @@
+"""``draftflow trainer``: train a run's draft model from the coordinator's step stream."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+EPILOG = """\
+What it does:
+  registers each rank with the coordinator (the run's fingerprint must match this node's
+  tokenizer), resumes from the coordinator's last committed checkpoint, streams this rank's
+  slice of every step, reads the tensors from the feature store, trains the draft, commits each
+  step, checkpoints every training.checkpoint_every steps to OUT/checkpoints, and at the end of
+  the data writes a final checkpoint and exports the draft to OUT/final (loadable by SGLang with
+  --speculative-algorithm EAGLE3 --speculative-draft-model-path OUT/final).
+  Restarting the same command after a crash resumes; the coordinator re-delivers the same steps.
+  SIGTERM / Ctrl-C: finish the current step, checkpoint, stop (a second signal kills).
+
+Ranks:
+  run under torchrun; the number of ranks must equal the run's step.world_size. Each rank
+  streams its own slice. Rank 0 serves TrainerService and /metrics and commits.
+
+Examples:
+  # one CPU process, tiny run
+  draftflow trainer --coordinator 127.0.0.1:50051 --run tiny --out ./out/tiny \\
+      --store 'mooncake://127.0.0.1:50061' --device cpu
+  # 8 GPUs on one node
+  torchrun --nproc-per-node 8 -m draftflow trainer --coordinator ctl:50051 --run r1 \\
+      --store "mooncake://ctl:50061?local=$NODE_IP" --out /checkpoints/r1
+  # see how it is doing, or ask for a checkpoint now
+  grpcurl -plaintext localhost:50053 draftflow.v1.TrainerService/GetStatus
+  grpcurl -plaintext localhost:50053 draftflow.v1.TrainerService/SaveCheckpoint
+"""
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name, default)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``trainer`` subcommand."""
+    p = sub.add_parser(
+        "trainer",
+        help="train the draft model from a run's step stream (the training side)",
+        description="Serve as the trainer group of one run: stream step bundles from the "
+        "coordinator, read features from the feature store, train, checkpoint, export.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--coordinator", required=_env("DRAFTFLOW_COORDINATOR") is None,
+                   default=_env("DRAFTFLOW_COORDINATOR"),
+                   help="coordinator HOST:PORT [$DRAFTFLOW_COORDINATOR]")
+    p.add_argument("--run", required=_env("DRAFTFLOW_RUN") is None, default=_env("DRAFTFLOW_RUN"),
+                   help="run id, as given to `draftflow run create` [$DRAFTFLOW_RUN]")
+    p.add_argument("--store", default=_env("DRAFTFLOW_STORE", "mooncake://127.0.0.1:50061"),
+                   help="feature store URL: mooncake://MASTER:PORT?local=THIS_NODE_IP (see "
+                   "docs/feature-store.md) or memory://NAME in one process [$DRAFTFLOW_STORE, "
+                   "default mooncake://127.0.0.1:50061]")
+    p.add_argument("--out", required=_env("DRAFTFLOW_OUT") is None, default=_env("DRAFTFLOW_OUT"),
+                   help="output directory: OUT/checkpoints and OUT/final; shared by all ranks "
+                   "and kept across restarts [$DRAFTFLOW_OUT]")
+    p.add_argument("--model-path", default=_env("DRAFTFLOW_MODEL_PATH"),
+                   help="target model directory on this node; only its embedding, lm_head and "
+                   "tokenizer are read (default: the run's target.model_path) "
+                   "[$DRAFTFLOW_MODEL_PATH]")
+    p.add_argument("--revision", default=_env("DRAFTFLOW_REVISION"),
+                   help="label of this node's target weights; must equal the run's "
+                   "target.revision (default: trust the run) [$DRAFTFLOW_REVISION]")
+    p.add_argument("--device", default=_env("DRAFTFLOW_DEVICE"),
+                   help="cpu, cuda or cuda:N (default: this rank's GPU if any, else cpu) "
+                   "[$DRAFTFLOW_DEVICE]")
+    p.add_argument("--parallel", default=_env("DRAFTFLOW_PARALLEL", "ddp"),
+                   choices=("ddp", "fsdp", "none"),
+                   help="data parallelism over ranks (default ddp) [$DRAFTFLOW_PARALLEL]")
+    p.add_argument("--prefetch", type=int, default=int(_env("DRAFTFLOW_PREFETCH", "2") or 2),
+                   help="steps read ahead of the one being trained (default 2) "
+                   "[$DRAFTFLOW_PREFETCH]")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this step (checkpoint and export) even if data remains")
+    p.add_argument("--listen", default=_env("DRAFTFLOW_TRAINER_LISTEN", "127.0.0.1:50053"),
+                   help="HOST:PORT of TrainerService on rank 0 [$DRAFTFLOW_TRAINER_LISTEN, "
+                   "default 127.0.0.1:50053; port 0 picks a free one]")
+    p.add_argument("--token", default=_env("DRAFTFLOW_TOKEN"),
+                   help="bearer token, sent to the coordinator and required by this "
+                   "trainer's own service [$DRAFTFLOW_TOKEN]")
+    p.add_argument("--insecure", action="store_true",
+                   help="serve beyond loopback without a token (private networks only)")
+    p.add_argument("--tls-ca", default=_env("DRAFTFLOW_TLS_CA"),
+                   help="PEM CA of a coordinator that serves TLS [$DRAFTFLOW_TLS_CA]")
+    p.add_argument("--metrics-port", type=int,
+                   default=int(_env("DRAFTFLOW_METRICS_PORT", "9103") or 9103),
+                   help="Prometheus /metrics port on rank 0, -1 to disable "
+                   "[$DRAFTFLOW_METRICS_PORT, default 9103]")
+    p.add_argument("--metrics-addr", default=_env("DRAFTFLOW_METRICS_ADDR", "127.0.0.1"),
+                   help="address for /metrics [$DRAFTFLOW_METRICS_ADDR, default 127.0.0.1]")
+    p.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import signal
+    from pathlib import Path
+
+    import grpc
+    import torch.distributed as dist
+
+    from services.rpc.server import ServerConfig
+    from trainer.runner import CoordinatorRunner, RunnerConfig
+    from trainer.service import TrainerServer
+    from trainer.session import FingerprintMismatch
+
+    cfg = RunnerConfig(
+        coordinator=args.coordinator, run_id=args.run, store_url=args.store,
+        out_dir=Path(args.out), model_path=args.model_path, device=args.device,
+        parallel=args.parallel, prefetch=args.prefetch, max_steps=args.max_steps,
+        token=args.token, tls_ca=args.tls_ca, revision=args.revision,
+    )
+    try:
+        runner = CoordinatorRunner(cfg)
+    except FingerprintMismatch as exc:
+        raise SystemExit(f"draftflow trainer: refused by the coordinator: {exc}") from None
+    except grpc.RpcError as exc:
+        raise SystemExit(f"draftflow trainer: coordinator {args.coordinator}: "
+                         f"{exc.code().name}: {exc.details()}") from None
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"draftflow trainer: {exc}") from None
+    server = None
+    if runner.dist.rank == 0:
+        server = TrainerServer(runner, ServerConfig(listen=args.listen, auth_token=args.token,
+                                                    insecure=args.insecure),
+                               args.metrics_port, args.metrics_addr)
+        print(f"trainer listening on port {server.port}", flush=True)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        runner.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal ends the process
+            signal.signal(sig, signal.SIG_DFL)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    try:
+        step = runner.run()
+    finally:
+        if server is not None:
+            server.stop()
+        runner.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    s = runner.status
+    if runner.dist.rank == 0:
+        how = "stopped" if runner.stopped else "done"
+        print(f"trainer {how}: step {step}, loss {s.loss:.4f}, "
+              f"{s.steps_trained} steps trained here, {s.samples_lost} samples lost and "
+              f"recaptured, data wait {100 * s.data_wait_fraction:.1f}%", flush=True)
+    return 0

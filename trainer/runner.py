@@ -1,0 +1,316 @@
+"""A coordinator-driven training run on one rank: register, resume, train, commit, export.
+
+The step protocol (DESIGN.md section 5): after each optimizer step the ranks agree (one small
+all-reduce, which also carries checkpoint requests), then rank 0 commits the step and frees the
+tensors the coordinator retires. Every ``checkpoint_every`` steps, and at the end, a checkpoint is
+written atomically and then committed. On start the coordinator's last committed checkpoint is
+loaded and the stream reopens at the step after it; the coordinator re-delivers the same steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import torch
+import torch.distributed as dist
+
+from services.api import common_pb2
+from services.logs import event
+from services.store import open_store
+from trainer import checkpoint as ckpt
+from trainer.config import TrainerConfig
+from trainer.export import export_draft
+from trainer.loader import CoordinatorSteps
+from trainer.loop import Trainer, build_trainer
+from trainer.parallel import DistContext, Mode, all_reduce_sum, init_distributed
+from trainer.session import CoordinatorSession, aux_layer_ids, local_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunnerConfig:
+    """Where a trainer rank finds its run, its data and its output."""
+
+    coordinator: str
+    """Coordinator address, HOST:PORT."""
+    run_id: str
+    """The run to train."""
+    store_url: str
+    """Feature store URL (``mooncake://MASTER:PORT?...`` or ``memory://NAME``)."""
+    out_dir: Path
+    """Checkpoints go to ``OUT/checkpoints``, the exported draft to ``OUT/final``."""
+    model_path: str | None = None
+    """Target directory on this node (embedding and lm_head are read); default: the run's."""
+    device: str | None = None
+    """cpu, cuda or cuda:N; default: this rank's GPU when there is one, else cpu."""
+    parallel: Mode = "ddp"
+    """Data parallelism across ranks: ddp, fsdp or none (one rank)."""
+    prefetch: int = 2
+    """Steps read ahead of the one being trained."""
+    max_steps: int | None = None
+    """Stop after this step (absolute) even if more data comes."""
+    token: str | None = None
+    """Bearer token for the coordinator; default $DRAFTFLOW_TOKEN."""
+    tls_ca: str | None = None
+    revision: str | None = None
+    """This node's label of the target weights; default: trust the run's."""
+    init_method: str | None = None
+    """torch.distributed rendezvous; default env:// as torchrun sets it."""
+    export: bool = True
+    """Export the draft to ``OUT/final`` when training ends."""
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        if self.prefetch < 1:
+            raise ValueError(f"prefetch={self.prefetch}: must be >= 1")
+        if self.parallel not in ("ddp", "fsdp", "none"):
+            raise ValueError(f"parallel={self.parallel!r}: use ddp, fsdp or none")
+
+
+@dataclass
+class TrainerStatus:
+    """What ``GetStatus`` and /metrics report; written by the training thread."""
+
+    run_id: str = ""
+    session_id: str = ""
+    step: int = 0
+    loss: float = 0.0
+    accuracies: list[float] = field(default_factory=list)
+    acceptance_length: float = 0.0
+    samples_per_second: float = 0.0
+    data_wait_fraction: float = 0.0
+    data_wait_seconds: float = 0.0
+    steps_trained: int = 0
+    samples_lost: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+    last_checkpoint_step: int = 0
+    done: bool = False
+
+
+def checkpoint_uri(path: Path) -> str:
+    return path.resolve().as_uri()
+
+
+def path_from_uri(uri: str) -> Path:
+    parts = urlsplit(uri)
+    if parts.scheme in ("", "file"):
+        return Path(unquote(parts.path) if parts.scheme else uri)
+    raise ValueError(f"checkpoint uri {uri!r}: only file:// checkpoints can be loaded here")
+
+
+class _Stop(Exception):
+    """Raised on every rank at the same step when any rank was asked to stop."""
+
+
+class CoordinatorRunner:
+    """One rank of a trainer group driven by the coordinator. ``run()`` trains to the end."""
+
+    def __init__(self, cfg: RunnerConfig, dist_ctx: DistContext | None = None) -> None:
+        self.cfg = cfg
+        self.dist = dist_ctx or init_distributed(cfg.device, init_method=cfg.init_method)
+        rank = self.dist.rank
+        identity = f"{socket.gethostname()}:{os.getpid()}:rank{rank}"
+        self.session = CoordinatorSession(cfg.coordinator, cfg.run_id, cfg.token, cfg.tls_ca,
+                                          identity)
+        self.run_info = self.session.get_run()
+        self.model_path = cfg.model_path or self.run_info.config.target.model_path
+        reg = self.session.register(local_fingerprint(self.run_info, self.model_path, cfg.revision))
+        self.train_cfg = TrainerConfig.from_run(self.run_info.config)
+        geo = self.train_cfg.geometry
+        if geo.world_size != self.dist.world_size:
+            raise ValueError(
+                f"run {cfg.run_id!r} has step.world_size={geo.world_size} but "
+                f"{self.dist.world_size} trainer ranks were started; start "
+                f"{geo.world_size} ranks (torchrun --nproc-per-node) or create a run with "
+                f"world_size={self.dist.world_size}")
+        self.checkpoint_dir = cfg.out_dir / "checkpoints"
+        self.store = open_store(cfg.store_url)
+        self.trainer: Trainer = build_trainer(
+            self.train_cfg, self.model_path, list(self.run_info.vocab_map.draft_token_ids),
+            aux_layer_ids(self.run_info), dist_ctx=self.dist,
+            parallel=cfg.parallel if self.dist.is_distributed else "none",
+            checkpoint_dir=self.checkpoint_dir)
+        self.status = TrainerStatus(
+            run_id=cfg.run_id, session_id=self.session.session_id,
+            world_size=self.dist.world_size, device=str(self.dist.device))
+        self._save_requests: list[Future[tuple[int, str]]] = []
+        self._stop_requested = False
+        self.stopped = False
+        self.losses: list[tuple[int, float]] = []
+        """(step, loss) of every step this runner trained, in order."""
+        self._lock = threading.Lock()
+        self.source: CoordinatorSteps | None = None
+        self._resume(reg.last_checkpoint_step, reg.last_checkpoint_uri)
+
+    # -- resume -------------------------------------------------------------------------------
+
+    def _resume(self, step: int, uri: str) -> None:
+        """Load the checkpoint the coordinator names (rank 0's answer decides for every rank)."""
+        if self.dist.is_distributed:
+            box: list[object] = [(step, uri)]
+            dist.broadcast_object_list(box, src=0)
+            step, uri = box[0]  # type: ignore[misc]
+        if self.dist.rank == 0:
+            self._drop_abandoned(step)
+        if step > 0:
+            path = path_from_uri(uri)
+            if not (path / ckpt.STATE_FILE).is_file():
+                raise FileNotFoundError(
+                    f"the coordinator's latest checkpoint (step {step}) is {uri}, which this node "
+                    f"cannot read; mount the checkpoint directory at {path} or pass the --out "
+                    "the run was trained with")
+            self.trainer.load_checkpoint(path)
+            if self.trainer.step != step:
+                raise ValueError(f"{path} holds step {self.trainer.step}, the coordinator says "
+                                 f"{step}; the checkpoint directory was tampered with")
+        self.status.step = self.status.last_checkpoint_step = step
+        if self.dist.is_distributed:
+            dist.barrier()
+
+    def _drop_abandoned(self, committed: int) -> None:
+        """Checkpoints past the coordinator's latest were never committed: another lineage."""
+        if not self.checkpoint_dir.is_dir():
+            return
+        ckpt.clean_partial(self.checkpoint_dir)
+        for entry in self.checkpoint_dir.glob("step-*"):
+            try:
+                step = int(entry.name.split("-", 1)[1])
+            except ValueError:
+                continue
+            if step > committed:
+                shutil.rmtree(entry, ignore_errors=True)
+                log.warning("removed uncommitted checkpoint", extra=event(
+                    "checkpoint_abandoned", run_id=self.cfg.run_id, step=step, path=str(entry)))
+
+    # -- the run ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Train until end of data (or ``max_steps``), checkpoint, export; return the last step."""
+        geo = self.train_cfg.geometry
+        strategy = self.trainer.strategy
+        pin = self.dist.device.type == "cuda"
+        self.source = CoordinatorSteps(
+            self.session, self.store, geo, rank=self.dist.rank, prefetch=self.cfg.prefetch,
+            max_length=self.run_info.config.capture.max_length, pin_memory=pin,
+            feature_names=[f.name for f in strategy.features])
+        self._started = time.perf_counter()
+        self._first_step = self.trainer.step
+        try:
+            try:
+                self.trainer.run(self.source, max_steps=self.cfg.max_steps,
+                                 on_step=self._on_step, on_checkpoint=self._on_checkpoint)
+            except _Stop:
+                self.stopped = True
+            if self.trainer.step > self.status.last_checkpoint_step:
+                self._checkpoint()
+            if self.cfg.export and not self.stopped and self.dist.rank == 0:
+                names = export_draft(self.trainer, self.cfg.out_dir / "final", overwrite=True)
+                log.info("draft exported", extra=event(
+                    "export", run_id=self.cfg.run_id, step=self.trainer.step,
+                    path=str(self.cfg.out_dir / "final"), tensors=len(names)))
+        finally:
+            self.source.close()
+            self.status.done = True
+            self._fail_requests(RuntimeError("training ended before the checkpoint was taken"))
+        log.info("training finished", extra=event(
+            "trainer_done", run_id=self.cfg.run_id, step=self.trainer.step,
+            end_of_data=self.source.end_step is not None, dropped=self.source.dropped))
+        return self.trainer.step
+
+    def _on_step(self, step: int, metrics: dict[str, float]) -> None:
+        # Agreement: every rank has applied this step before rank 0 commits it. The same
+        # all-reduce tells every rank whether a checkpoint was asked for over RPC.
+        with self._lock:
+            asked = [1.0 if self._save_requests else 0.0, 1.0 if self._stop_requested else 0.0]
+        flags = all_reduce_sum(torch.tensor(asked, device=self.dist.device), self.dist).tolist()
+        if self.dist.rank == 0:
+            self._free(self.session.commit_step(step, float(metrics["loss"])))
+        self._update_status(step, metrics)
+        if flags[0] > 0 and step > self.status.last_checkpoint_step:
+            self._checkpoint()
+        elif flags[0] > 0:
+            self._answer_requests()
+        if flags[1] > 0:
+            raise _Stop()
+
+    def stop(self) -> None:
+        """Finish the current step, checkpoint and end (every rank stops at the same step)."""
+        with self._lock:
+            self._stop_requested = True
+
+    def _on_checkpoint(self, step: int, path: Path) -> None:
+        if self.dist.rank == 0:
+            self._free(self.session.commit_checkpoint(step, checkpoint_uri(path)))
+        self.status.last_checkpoint_step = step
+        self._answer_requests()
+
+    def _checkpoint(self) -> None:
+        path = self.trainer.save_checkpoint()
+        if path is not None:
+            self._on_checkpoint(self.trainer.step, path)
+
+    def _free(self, retire: Sequence[common_pb2.SampleRef]) -> None:
+        """Remove retired samples' tensors from the store, then tell the coordinator."""
+        if not retire:
+            return
+        self.store.remove([t.key for ref in retire for t in ref.tensors])
+        self.session.retire([ref.sample_id for ref in retire])
+
+    def _update_status(self, step: int, metrics: dict[str, float]) -> None:
+        s = self.status
+        assert self.source is not None
+        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        trained = step - self._first_step
+        s.step, s.loss, s.steps_trained = step, float(metrics["loss"]), trained
+        self.losses.append((step, s.loss))
+        s.accuracies = [metrics[f"acc_{k}"] for k in range(self.train_cfg.ttt_length)]
+        s.acceptance_length = float(metrics.get("acceptance_length", 0.0))
+        s.samples_per_second = trained * self.train_cfg.geometry.per_step / elapsed
+        s.data_wait_seconds = self.source.wait_seconds
+        s.data_wait_fraction = self.source.wait_seconds / elapsed
+        s.samples_lost = self.source.lost_reported
+
+    # -- checkpoint requests (TrainerService.SaveCheckpoint) ----------------------------------
+
+    def request_checkpoint(self) -> Future[tuple[int, str]]:
+        """A checkpoint after the next step (or the current one's, if already taken)."""
+        fut: Future[tuple[int, str]] = Future()
+        with self._lock:
+            if self.status.done:
+                fut.set_exception(RuntimeError("training has ended"))
+                return fut
+            self._save_requests.append(fut)
+        return fut
+
+    def _answer_requests(self) -> None:
+        step = self.status.last_checkpoint_step
+        uri = checkpoint_uri(ckpt.checkpoint_path(self.checkpoint_dir, step)) if step else ""
+        with self._lock:
+            pending, self._save_requests = self._save_requests, []
+        for fut in pending:
+            fut.set_result((step, uri))
+
+    def _fail_requests(self, exc: BaseException) -> None:
+        with self._lock:
+            pending, self._save_requests = self._save_requests, []
+        for fut in pending:
+            fut.set_exception(exc)
+
+    def close(self) -> None:
+        """Leave the coordinator session and close the store."""
+        if self.source is not None:
+            self.source.close()
+        self.session.close()
+        self.store.close()

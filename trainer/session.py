@@ -1,0 +1,194 @@
+"""The trainer's side of the coordinator protocol: register, heartbeat, stream, commit, report.
+
+One ``CoordinatorSession`` per rank. Every rank registers its own session (with the fingerprint
+computed on this node) and streams its own slice; only rank 0 commits steps and checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from services.api import common_pb2, coordinator_pb2_grpc, run_pb2
+from services.api import coordinator_pb2 as cpb
+from services.config import default_aux_layers
+from services.fingerprint import run_fingerprint
+from services.logs import event
+from services.rpc.client import open_channel
+from services.tokenizer import tokenizer_hash
+
+log = logging.getLogger(__name__)
+
+RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+"""Waits between StreamSteps reconnects while the coordinator is UNAVAILABLE; the last repeats."""
+
+
+class FingerprintMismatch(RuntimeError):
+    """This node's tokenizer or capture layers do not match the run; the message has both."""
+
+
+def aux_layer_ids(run: cpb.Run) -> list[int]:
+    """The capture layers of ``run`` (EAGLE3's default when the config leaves them out)."""
+    ids = list(run.config.capture.aux_layer_ids)
+    return ids or default_aux_layers(run.config.target.num_layers)
+
+
+def local_fingerprint(run: cpb.Run, model_path: str | Path, revision: str | None = None) -> str:
+    """The fingerprint of what this node would train on, from its own tokenizer.
+
+    Computed exactly as producers compute theirs: the run's config with this node's tokenizer
+    hash, capture layers and (when given) target revision, plus the run's vocab-map hash.
+    """
+    from transformers import AutoTokenizer
+
+    cfg = run_pb2.RunConfig()
+    cfg.CopyFrom(run.config)
+    cfg.target.tokenizer_hash = tokenizer_hash(AutoTokenizer.from_pretrained(model_path))
+    ids = aux_layer_ids(run)
+    del cfg.capture.aux_layer_ids[:]
+    cfg.capture.aux_layer_ids.extend(ids)
+    if revision is not None:
+        cfg.target.revision = revision
+    return run_fingerprint(cfg, run.vocab_map.hash)
+
+
+class CoordinatorSession:
+    """A registered trainer session of one rank, with its heartbeat thread.
+
+    ``register`` first; then ``stream`` for this rank's slices, and (rank 0) the commit calls.
+    """
+
+    def __init__(self, address: str, run_id: str, token: str | None = None,
+                 tls_ca: str | None = None, identity: str = "trainer") -> None:
+        self.address, self.run_id, self.identity = address, run_id, identity
+        self._channel = open_channel(address, token, tls_ca)
+        self.stub: Any = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
+        self.session_id = ""
+        self.registration: cpb.RegisterWorkerResponse | None = None
+        self.run_active = True
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self._call: Any = None
+
+    # -- registration -------------------------------------------------------------------------
+
+    def get_run(self) -> cpb.Run:
+        return self.stub.GetRun(cpb.GetRunRequest(run_id=self.run_id)).run
+
+    def register(self, fingerprint: str) -> cpb.RegisterWorkerResponse:
+        """Register as a trainer; a fingerprint the run refuses raises ``FingerprintMismatch``."""
+        try:
+            resp = self.stub.RegisterWorker(cpb.RegisterWorkerRequest(
+                run_id=self.run_id, role=common_pb2.WORKER_ROLE_TRAINER, fingerprint=fingerprint,
+                identity=self.identity))
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "fingerprint" in (
+                    exc.details() or ""):
+                raise FingerprintMismatch(exc.details()) from None
+            raise
+        self.session_id = resp.session_id
+        self.registration = resp
+        interval = resp.heartbeat_interval_seconds or 1.0
+        self._heartbeat = threading.Thread(target=self._beat, args=(interval,),
+                                           name="trainer-heartbeat", daemon=True)
+        self._heartbeat.start()
+        log.info("trainer registered", extra=event(
+            "trainer_registered", run_id=self.run_id, session_id=self.session_id,
+            identity=self.identity, last_checkpoint_step=resp.last_checkpoint_step))
+        return resp
+
+    def _beat(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                resp = self.stub.Heartbeat(cpb.HeartbeatRequest(session_id=self.session_id),
+                                           timeout=max(interval, 1.0))
+                self.run_active = resp.run_active
+            except grpc.RpcError as exc:
+                # A missed beat is survivable; the session only expires after several.
+                log.warning("heartbeat failed: %s", exc.code().name, extra=event(
+                    "heartbeat_failed", run_id=self.run_id, session_id=self.session_id))
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def stream(self, rank: int, from_step: int, prefetch: int,
+               stop: threading.Event | None = None) -> Iterator[cpb.StreamStepsResponse]:
+        """This rank's step slices from ``from_step`` on, in order, until end of data.
+
+        Reconnects (from the next undelivered step) while the coordinator is UNAVAILABLE.
+        """
+        step, failures = from_step, 0
+        while stop is None or not stop.is_set():
+            call = self._call = self.stub.StreamSteps(cpb.StreamStepsRequest(
+                session_id=self.session_id, rank=rank, from_step=step, prefetch=prefetch))
+            try:
+                for msg in call:
+                    failures = 0
+                    yield msg
+                    if msg.end_of_data:
+                        return
+                    step = msg.step + 1
+                return
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                    raise
+                if exc.code() == grpc.StatusCode.CANCELLED and (stop is None or stop.is_set()):
+                    return
+                wait = RECONNECT_BACKOFF_S[min(failures, len(RECONNECT_BACKOFF_S) - 1)]
+                failures += 1
+                log.warning("step stream interrupted (%s), reconnecting in %.1fs",
+                            exc.code().name, wait, extra=event(
+                                "stream_reconnect", run_id=self.run_id,
+                                session_id=self.session_id, step=step))
+                if stop is not None and stop.wait(wait):
+                    return
+                if stop is None:
+                    time.sleep(wait)
+            finally:
+                call.cancel()
+
+    def interrupt(self) -> None:
+        """Cancel the open step stream (its iterator then ends when ``stop`` is set)."""
+        if self._call is not None:
+            self._call.cancel()
+
+    def commit_step(self, step: int, loss: float) -> list[common_pb2.SampleRef]:
+        """Mark ``step`` trained; returns the samples whose tensors may now be freed."""
+        return list(self.stub.CommitStep(cpb.CommitStepRequest(
+            session_id=self.session_id, step=step, loss=loss)).retire)
+
+    def commit_checkpoint(self, step: int, uri: str) -> list[common_pb2.SampleRef]:
+        """Record a durable checkpoint after ``step``; returns samples it lets us free."""
+        return list(self.stub.CommitCheckpoint(cpb.CommitCheckpointRequest(
+            session_id=self.session_id, step=step, uri=uri)).retire)
+
+    def report_lost(self, ref: common_pb2.SampleRef, reason: str) -> bool:
+        """Tell the coordinator a sample's tensors are gone; False if it went DEAD instead."""
+        return self.stub.ReportLost(cpb.ReportLostRequest(
+            session_id=self.session_id, sample_id=ref.sample_id, generation=ref.generation,
+            reason=reason)).recapture
+
+    def retire(self, sample_ids: Sequence[str]) -> int:
+        if not sample_ids:
+            return 0
+        return self.stub.RetireSamples(cpb.RetireSamplesRequest(
+            session_id=self.session_id, sample_ids=list(sample_ids))).retired
+
+    def close(self) -> None:
+        """Stop heartbeating and close the session (best effort) and the channel."""
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=5)
+        if self.session_id:
+            try:
+                self.stub.UnregisterWorker(
+                    cpb.UnregisterWorkerRequest(session_id=self.session_id), timeout=5)
+            except grpc.RpcError as exc:
+                log.warning("unregister failed: %s", exc.code().name, extra=event(
+                    "unregister_failed", run_id=self.run_id, session_id=self.session_id))
+        self._channel.close()
