@@ -209,3 +209,23 @@ def test_grpcurl_lists_services_and_reads_status(
                           "draftflow.v1.CoordinatorService/GetRunStatus"],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode != 0 and "NotFound" in out.stderr
+
+
+def test_tls_with_token(sqlite_url: str, tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    proc = CoordinatorProcess(CoordinatorConfig(db_url=sqlite_url, server=ServerConfig(
+        listen="127.0.0.1:0", auth_token="s3cret", tls_cert=str(cert), tls_key=str(key))))
+    try:
+        target = f"localhost:{proc.port}"
+        ok = coordinator_pb2_grpc.CoordinatorServiceStub(
+            open_channel(target, token="s3cret", tls_ca=str(cert)))
+        assert ok.ListRuns(cpb.ListRunsRequest(), timeout=10).runs == []
+        plain = coordinator_pb2_grpc.CoordinatorServiceStub(open_channel(target, token="s3cret"))
+        with pytest.raises(grpc.RpcError) as err:
+            plain.ListRuns(cpb.ListRunsRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        proc.stop(0.5)
