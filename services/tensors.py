@@ -23,8 +23,11 @@ TORCH_TO_DTYPE: dict[torch.dtype, int] = {v: k for k, v in DTYPE_TO_TORCH.items(
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
+_ITEMSIZE: dict[int, int] = {k: v.itemsize for k, v in DTYPE_TO_TORCH.items()}
+
+
 def itemsize(dtype: int) -> int:
-    return torch.empty((), dtype=DTYPE_TO_TORCH[dtype]).element_size()
+    return _ITEMSIZE[dtype]
 
 
 def dtype_of(tensor: torch.Tensor) -> int:
