@@ -111,7 +111,8 @@ def health_rate(target: str, clients: int, seconds: float) -> float:
 
 def bench_case(target: str, clients: int, batch: int, seconds: float) -> dict[str, float]:
     run_id = f"b{uuid.uuid4().hex[:8]}"
-    prompts = max(clients * batch * 4, int(7000 * seconds * (1 if batch > 1 else 0.4)))
+    # Enough prompts that the commit phase never runs dry: about what the goal rate needs.
+    prompts = max(clients * batch * 4, int((6000 if batch > 1 else 400) * seconds))
     config = h.run_config(world=clients, micro=batch, accum=1, high=0)
     config.lease.heartbeat_seconds = 600  # the benchmark's clients do not heartbeat
     stub = coordinator_pb2_grpc.CoordinatorServiceStub(open_channel(target))
