@@ -140,8 +140,12 @@ class MooncakeStore(FeatureStore):
     def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """A tensor in registered memory: write it with ``put_sample`` without a staging copy."""
         nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-        flat = self._arena.tensor(nbytes, timeout_s=None)
-        assert flat is not None
+        flat = self._arena.tensor(nbytes, timeout_s=30.0)
+        if flat is None:
+            raise StoreError(
+                "the registered buffer stayed full for 30 s; free tensors from empty() "
+                "or raise buffer_mb"
+            )
         return flat.view(dtype).view(tuple(shape)) if nbytes else torch.empty(shape, dtype=dtype)
 
     # -- writes -------------------------------------------------------------------------------

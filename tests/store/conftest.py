@@ -23,7 +23,7 @@ def mooncake_master(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Master
 
 
 @pytest.fixture
-def fresh_master(tmp_path: object) -> Iterator[MasterHandle]:
+def fresh_master() -> Iterator[MasterHandle]:
     """A master of this test's own, for tests that fill, kill or restart it."""
     master = start_master(client_ttl_s=2)
     yield master
