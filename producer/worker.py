@@ -129,8 +129,10 @@ class Producer:
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._in_flight: dict[str, _Item] = {}
+        # feeder -> capture -> writer; bounded, so a slow stage holds the others back.
+        self._prepared: queue.Queue[list[_Item] | None] = queue.Queue(maxsize=config.queue_batches)
         self._queue: queue.Queue[list[_Item] | None] = queue.Queue(maxsize=config.queue_batches)
-        self._writer_error: BaseException | None = None
+        self._error: BaseException | None = None
 
     # ----------------------------------------------------------------- public
 
@@ -169,21 +171,47 @@ class Producer:
         """Register (if not yet), produce until exhausted or drained, then unregister."""
         if not self.session_id:
             self.register()
-        writer = threading.Thread(target=self._writer_loop, name="producer-writer", daemon=True)
+        threads = [
+            threading.Thread(target=self._guarded, args=(self._feeder_loop, self._prepared),
+                             name="producer-feeder", daemon=True),
+            threading.Thread(target=self._guarded, args=(self._writer_loop, None),
+                             name="producer-writer", daemon=True),
+        ]
         keeper = threading.Thread(target=self._keeper_loop, name="producer-keeper", daemon=True)
-        writer.start()
-        keeper.start()
+        for t in [*threads, keeper]:
+            t.start()
+        feeder_done = False
         try:
-            self._capture_loop()
+            feeder_done = self._capture_loop()
         finally:
+            self._draining.set()
+            # If capture stopped early, unblock the feeder; its leases go back at unregistration.
+            while not feeder_done:
+                feeder_done = self._prepared.get() is None
             self._queue.put(None)
-            writer.join()
+            for t in threads:
+                t.join()
             self._stopped.set()
             keeper.join()
             self._unregister()
-        if self._writer_error is not None:
-            raise self._writer_error
+        if self._error is not None:
+            raise self._error
         return self.stats
+
+    def _guarded(self, loop: Callable[[], None], done: queue.Queue | None) -> None:
+        """Run a stage; its failure stops the whole loop and is re-raised by ``run``."""
+        try:
+            loop()
+        except BaseException as exc:
+            if self._error is None:
+                self._error = exc
+            self._draining.set()
+            log.exception("producer stage failed", extra=event(
+                "producer_stage_failed", run_id=self._cfg.run_id,
+                stage=threading.current_thread().name))
+        finally:
+            if done is not None:
+                done.put(None)
 
     def _rejoin(self, why: str) -> None:
         """Our session expired (missed heartbeats): its leases went back; start a new one."""
@@ -196,8 +224,9 @@ class Producer:
 
     # ---------------------------------------------------------- capture side
 
-    def _capture_loop(self) -> None:
-        while not self._draining.is_set() and self._writer_error is None:
+    def _feeder_loop(self) -> None:
+        """Lease and prepare batches ahead of the engine, so it never waits on an RPC."""
+        while not self._draining.is_set():
             try:
                 resp = self._stub.LeasePrompts(cpb.LeasePromptsRequest(
                     session_id=self.session_id, max_prompts=self._cfg.lease_batch))
@@ -220,7 +249,17 @@ class Producer:
                 self.stats.in_flight = len(self._in_flight)
             ready = self._prepare(items)
             if ready:
-                self._capture(ready)
+                self._prepared.put(ready)
+
+    def _capture_loop(self) -> bool:
+        """Capture prepared batches until the feeder is done (then True); drained batches are
+        still ours, so they are captured too."""
+        while (items := self._prepared.get()) is not None:
+            if self._error is None:
+                self._capture(items)
+            else:
+                self._fail(items, f"producer stopping: {self._error}", retryable=True)
+        return True
 
     def _prepare(self, items: list[_Item]) -> list[_Item]:
         ready: list[_Item] = []
@@ -253,18 +292,21 @@ class Producer:
     # ----------------------------------------------------------- writer side
 
     def _writer_loop(self) -> None:
-        try:
-            while (items := self._queue.get()) is not None:
+        # Never leaves before the end marker, so the capture thread can always hand a batch on.
+        while (items := self._queue.get()) is not None:
+            try:
+                if self._error is not None:
+                    self._fail(items, f"producer stopping: {self._error}", retryable=True)
+                    continue
                 written = [it for it in items if self._write(it)]
                 if written:
                     self._commit(written)
-        except BaseException as exc:  # surfaced by run(); the capture loop stops on it
-            self._writer_error = exc
-            self._draining.set()
-            log.exception("writer failed", extra=event("producer_writer_failed",
-                                                       run_id=self._cfg.run_id))
-            while self._queue.get() is not None:  # unblock the capture thread
-                pass
+            except Exception as exc:
+                if self._error is None:
+                    self._error = exc
+                self._draining.set()
+                log.exception("writing or committing failed", extra=event(
+                    "producer_writer_failed", run_id=self._cfg.run_id))
 
     def _write(self, it: _Item) -> bool:
         lease = it.lease

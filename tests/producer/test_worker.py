@@ -142,3 +142,22 @@ def test_full_store_waits_for_room(stub, engine, llama_dir: Path) -> None:
     threading.Timer(0.5, lambda: filler.remove(["mem/other/x:e0/g0/blob"])).start()
     stats = make_producer(stub, store, engine, llama_dir, run, lease_batch=3).run()
     assert stats.samples_committed == 3 and stats.prompts_failed == 0
+
+
+class _BrokenStore(MemoryStore):
+    """A store whose writes fail with a bug, not a store error."""
+
+    def put_sample(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("disk on fire")
+
+
+def test_a_failing_stage_stops_the_loop_and_gives_leases_back(stub, engine,
+                                                              llama_dir: Path) -> None:
+    run = create_run(stub, llama_dir, lines(12))
+    broken = _BrokenStore(f"broken-{uuid.uuid4().hex[:8]}", store_id="mem")
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        make_producer(stub, broken, engine, llama_dir, run, lease_batch=2).run()
+    st = status(stub)
+    assert st.prompts.get("LEASED", 0) == st.prompts.get("CAPTURED", 0) == 0
+    assert st.prompts.get("DEAD", 0) == 0
+    assert st.prompts["PENDING"] == 12
