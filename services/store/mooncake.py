@@ -300,8 +300,14 @@ class MooncakeStore(FeatureStore):
                 raise codes.error_for(rc, key, "remove")
 
     def _remove_quietly(self, keys: list[str]) -> None:
+        """Best effort on a failed write's way out: the original error is what the caller needs."""
         if keys:
-            self._client.batch_remove(keys, True)
+            results = self._client.batch_remove(keys, True)
+            left = [k for k, rc in zip(keys, results, strict=True)
+                    if rc not in (0, codes.OBJECT_NOT_FOUND)]
+            if left:
+                log.warning("keys of a failed write left behind", extra=event(
+                    "store_cleanup_failed", keys=",".join(left)))
 
     def healthy(self) -> bool:
         if self._closed:
@@ -316,8 +322,11 @@ class MooncakeStore(FeatureStore):
         if self._closed:
             return
         self._closed = True
-        self._client.unregister_buffer(self._arena.base)
-        self._client.close()
+        for step, rc in (("unregister_buffer", self._client.unregister_buffer(self._arena.base)),
+                         ("close", self._client.close())):
+            if rc != 0:  # nothing to undo at close; leave a trace for the operator
+                log.warning("mooncake client shutdown step failed", extra=event(
+                    "store_close_failed", step=step, code=rc))
 
     def _check_open(self) -> None:
         if self._closed:
