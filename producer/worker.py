@@ -1,13 +1,12 @@
 """The producer's work loop: lease prompts, capture, write tensors, commit refs.
 
-Three threads, one job each:
+Four threads, one job each, joined by bounded queues of ``queue_batches`` batches:
 
-* the **capture** thread (the caller of ``run()``) leases prompts, prepares them and runs the
-  engine; it is the one to keep busy;
-* the **writer** thread puts each captured sample into the feature store and commits the refs,
-  so writes and commits overlap the next capture (a bounded queue holds at most
-  ``queue_batches`` captured batches);
-* the **keeper** thread heartbeats the session and extends leases that are past half their time.
+* the **feeder** leases prompts and prepares them (chat template, loss mask), ahead of the engine;
+* the **capture** thread (the caller of ``run()``) runs the engine; it is the one to keep busy;
+* the **writer** puts each captured sample into the feature store and commits the refs, so
+  writes and commits overlap the next capture;
+* the **keeper** heartbeats the session and extends leases that are past half their time.
 
 Every prompt ends in exactly one of: committed, failed (retryable or not, with a reason), or
 released at unregistration. A lease that went stale under us (expired, re-leased elsewhere) is
