@@ -7,7 +7,6 @@ in reverse order. Running it again continues the same run from its database and 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -26,9 +25,9 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
 
 from draftflow.stack import Child, Stack
+from draftflow.up_report import Summary, TrainerWatch, previous_figures
 from services.api import coordinator_pb2 as cpb
 from services.api import coordinator_pb2_grpc
 from services.logs import event
@@ -79,14 +78,14 @@ def _wait_healthy(target: str, child: Child, timeout_s: float = 60.0) -> None:
     raise UpError(f"{child.name} did not become healthy at {target}; see {child.log_path}")
 
 
-def _prepare_target(config_path: Path, console: Console) -> None:
-    """Build the tiny target when the default config names it and it is not there yet."""
+def _prepare_target(config_path: Path, console: Console) -> Path:
+    """The target's directory; the tiny target is built there when the default config names it."""
     from services.config import load_run_config
 
     cfg = load_run_config(config_path)
-    model = cfg.model_path(config_path)
+    model = cfg.model_path(config_path).resolve()
     if (model / "config.json").is_file():
-        return
+        return model
     if config_path.resolve() != DEFAULT_CONFIG.resolve():
         raise UpError(f"target.model_path {model} has no model; point the config at a local "
                       "Hugging Face model directory")
@@ -94,6 +93,7 @@ def _prepare_target(config_path: Path, console: Console) -> None:
 
     with console.status(f"building the tiny target model in {model} (once)"):
         build_tiny_target(model)
+    return model
 
 
 def run(opts: UpOptions) -> int:
@@ -104,8 +104,8 @@ def run(opts: UpOptions) -> int:
         for name in ("coordinator.db", "coordinator.db-wal", "coordinator.db-shm"):
             (work / name).unlink(missing_ok=True)
         shutil.rmtree(work / "runs", ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    _prepare_target(config, console)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    model_path = _prepare_target(config, console)
     stack = Stack(work / "logs")
     master: MasterHandle | None = None
     holder = None
@@ -129,24 +129,37 @@ def run(opts: UpOptions) -> int:
         out_dir = work / "runs" / run_id
         console.print(f"run [bold]{run_id}[/]: {run_obj.num_prompts} prompts x "
                       f"{run_obj.config.epochs} epochs; logs in {stack.log_dir}")
+        # The config's model path is relative to the config file; the roles run elsewhere.
         common = ["--coordinator", target, "--run", run_id, "--store", store_url,
-                  "--metrics-port", "-1", "--listen", "127.0.0.1:0"]
+                  "--metrics-port", "-1", "--model-path", str(model_path)]
         for i in range(opts.producers):
             stack.python(f"producer-{i}", ["draftflow", "--log-format", "json", "producer",
-                                           *common, "--device", opts.device])
+                                           *common, "--listen", "127.0.0.1:0",
+                                           "--device", opts.device])
         world = run_obj.config.step.world_size
+        trainer_target = f"127.0.0.1:{free_port()}"
         trainer_args = ["draftflow", "--log-format", "json", "trainer", *common,
-                        "--out", str(out_dir), "--device", opts.device]
+                        "--listen", trainer_target, "--out", str(out_dir),
+                        "--device", opts.device]
         if world > 1:
             trainer = stack.python("trainer", ["torch.distributed.run", "--standalone",
                                                f"--nproc-per-node={world}", "-m", *trainer_args])
         else:
             trainer = stack.python("trainer", trainer_args)
-        status = _follow(stub, run_id, stack, trainer, console, opts.timeout_s, started)
+        watch = TrainerWatch(trainer_target)
+        status = _follow(stub, run_id, stack, trainer, watch, console, opts.timeout_s, started)
         code = stack.wait_exit(trainer, 120.0)
         if code != 0:
             raise UpError(f"trainer exited with {code}:\n{trainer.log_tail()}")
-        _summary(console, status, out_dir, time.monotonic() - started)
+        figures = watch.figures()
+        if figures.steps_seen == 0:  # nothing left to train: show what the last up measured
+            figures = previous_figures(out_dir / "summary.json")
+        summary = Summary.of(status, figures, run_obj.config.draft.draft_vocab_size,
+                             time.monotonic() - started, out_dir / "final")
+        summary.write(out_dir / "summary.json")
+        summary.print(console, out_dir)
+        log.debug("up finished", extra=event("up_done", run_id=run_id,
+                                            steps=status.last_committed_step))
         return 0
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: stopping every process (run `draftflow up` again "
@@ -176,8 +189,8 @@ def _create_run(stub: Any, config: Path) -> cpb.Run:
         raise
 
 
-def _follow(stub: Any, run_id: str, stack: Stack, trainer: Child, console: Console,
-            timeout_s: float, started: float) -> cpb.RunStatus:
+def _follow(stub: Any, run_id: str, stack: Stack, trainer: Child, watch: TrainerWatch,
+            console: Console, timeout_s: float, started: float) -> cpb.RunStatus:
     columns = (TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
@@ -185,6 +198,8 @@ def _follow(stub: Any, run_id: str, stack: Stack, trainer: Child, console: Conso
         train = progress.add_task("train", total=None, rate="")
         while True:
             status = stub.GetRunStatus(cpb.GetRunStatusRequest(run_id=run_id)).status
+            if trainer.alive():
+                watch.poll()
             total = sum(status.prompts.values()) - status.prompts["DEAD"]
             progress.update(capture, total=total, completed=status.prompts["CAPTURED"],
                             rate=f"{status.samples_committed_per_second:6.1f} samples/s")
@@ -208,32 +223,3 @@ def _follow(stub: Any, run_id: str, stack: Stack, trainer: Child, console: Conso
                 raise UpError(f"not finished after {timeout_s:.0f} s; the run continues with "
                               "the next `draftflow up`")
             time.sleep(0.5)
-
-
-def _summary(console: Console, status: cpb.RunStatus, out_dir: Path, seconds: float) -> None:
-    table = Table(title="draftflow up — done", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("samples", f"{status.samples['TRAINED'] + status.samples['RETIRED']} trained, "
-                  f"{status.samples['DROPPED']} dropped (end-of-data tail), "
-                  f"{status.samples['DEAD']} dead, {status.samples['LOST']} lost")
-    table.add_row("steps", f"{status.last_committed_step}, final loss "
-                  f"{status.last_step_loss:.4f}")
-    metrics_path = out_dir / "metrics.json"
-    if metrics_path.is_file():
-        metrics = json.loads(metrics_path.read_text())
-        for key, label in (("eval_accuracy", "top-1 accuracy"),
-                           ("acceptance_length", "acceptance length"),
-                           ("chance_accuracy", "chance")):
-            if key in metrics:
-                value = metrics[key]
-                shown = (", ".join(f"{v:.3f}" for v in value) if isinstance(value, list)
-                         else f"{value:.3f}")
-                table.add_row(label, shown)
-    table.add_row("time", f"{seconds:.0f} s")
-    table.add_row("draft", str(out_dir / "final"))
-    console.print(table)
-    console.print(f"serve it: python -m sglang.launch_server --model-path TARGET "
-                  f"--speculative-algorithm EAGLE3 --speculative-draft-model-path "
-                  f"{out_dir / 'final'}")
-    log.info("up finished", extra=event("up_done", steps=status.last_committed_step))

@@ -1,0 +1,150 @@
+"""What ``draftflow up`` tells the user at the end: the run's accounting and how good the draft is.
+
+The draft's figures come from the trainer's own ``TrainerService.GetStatus`` (top-1 accuracy per
+unroll position and the simulated acceptance length of each step), averaged over the last steps
+the trainer reported, and are set beside chance (one over the draft vocabulary). The same figures
+are written to ``OUT/summary.json`` for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+from rich.console import Console
+from rich.table import Table
+
+from services.api import coordinator_pb2 as cpb
+from services.api import trainer_pb2, trainer_pb2_grpc
+from services.rpc.client import open_channel
+
+WINDOW_STEPS = 20
+"""Steps averaged for the accuracy figures: one step's batch is too small to read alone."""
+
+
+@dataclass
+class TrainerFigures:
+    """The trainer's figures, averaged over its last ``WINDOW_STEPS`` reported steps."""
+
+    steps_seen: int = 0
+    accuracies: list[float] = field(default_factory=list)
+    acceptance_length: float = 0.0
+    samples_per_second: float = 0.0
+    data_wait_fraction: float = 0.0
+    device: str = ""
+
+
+def previous_figures(path: Path) -> TrainerFigures:
+    """The trainer figures of an earlier ``summary.json``, for a run that had nothing left."""
+    try:
+        return TrainerFigures(**json.loads(path.read_text())["trainer"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return TrainerFigures()
+
+
+class TrainerWatch:
+    """Polls a trainer's ``GetStatus`` and keeps the last steps' figures."""
+
+    def __init__(self, target: str) -> None:
+        self._stub = trainer_pb2_grpc.TrainerServiceStub(open_channel(target))
+        self._steps: deque[trainer_pb2.TrainerGetStatusResponse] = deque(maxlen=WINDOW_STEPS)
+        self._last: trainer_pb2.TrainerGetStatusResponse | None = None
+
+    def poll(self) -> None:
+        """One status read; a trainer that is starting or gone is not an error here."""
+        try:
+            reply = self._stub.GetStatus(trainer_pb2.TrainerGetStatusRequest(), timeout=1.0)
+        except grpc.RpcError:
+            return
+        self._last = reply
+        if reply.step > 0 and reply.accuracies and (
+                not self._steps or self._steps[-1].step != reply.step):
+            self._steps.append(reply)
+
+    def figures(self) -> TrainerFigures:
+        if not self._steps or self._last is None:
+            return TrainerFigures()
+        n = len(self._steps)
+        positions = min(len(s.accuracies) for s in self._steps)
+        return TrainerFigures(
+            steps_seen=n,
+            accuracies=[sum(s.accuracies[k] for s in self._steps) / n for k in range(positions)],
+            acceptance_length=sum(s.simulated_acceptance_length for s in self._steps) / n,
+            samples_per_second=self._last.samples_per_second,
+            data_wait_fraction=self._last.data_wait_fraction,
+            device=self._last.device,
+        )
+
+
+@dataclass
+class Summary:
+    """The end of a ``draftflow up``: accounting from the coordinator, figures from the trainer."""
+
+    run_id: str
+    steps: int
+    final_loss: float
+    samples: dict[str, int]
+    prompts: dict[str, int]
+    chance_accuracy: float
+    trainer: TrainerFigures
+    seconds: float
+    draft: str
+
+    @staticmethod
+    def of(status: cpb.RunStatus, figures: TrainerFigures, draft_vocab_size: int,
+           seconds: float, draft: Path) -> Summary:
+        return Summary(
+            run_id=status.run_id, steps=status.last_committed_step,
+            final_loss=status.last_step_loss, samples=dict(status.samples),
+            prompts=dict(status.prompts), chance_accuracy=1.0 / max(draft_vocab_size, 1),
+            trainer=figures, seconds=seconds, draft=str(draft))
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+
+    def print(self, console: Console, out_dir: Path) -> None:
+        s = self.samples
+        table = Table(title="draftflow up — done", show_header=False, title_justify="left")
+        table.add_column(style="bold")
+        table.add_column()
+        table.add_row("samples", f"{s.get('TRAINED', 0) + s.get('RETIRED', 0)} trained, "
+                      f"{s.get('DROPPED', 0)} dropped (end-of-data tail), "
+                      f"{s.get('DEAD', 0)} dead, {s.get('LOST', 0)} lost")
+        table.add_row("steps", f"{self.steps}, final loss {self.final_loss:.4f}")
+        t = self.trainer
+        if t.accuracies:
+            shown = "  ".join(f"{a:.3f}" for a in t.accuracies)
+            table.add_row("top-1 accuracy", f"{shown}  (unroll positions 1..{len(t.accuracies)}, "
+                          f"last {t.steps_seen} steps)")
+            table.add_row("acceptance length", f"{t.acceptance_length:.2f} tokens per "
+                          f"verification (simulated; 1.00 = draft never accepted)")
+            table.add_row("chance", f"{self.chance_accuracy:.4f} top-1 (uniform over the draft "
+                          "vocabulary)")
+            table.add_row("trainer", f"{t.samples_per_second:.1f} samples/s on {t.device}, "
+                          f"{100 * t.data_wait_fraction:.1f}% waiting for data")
+        _extra_metrics(table, out_dir / "metrics.json")
+        table.add_row("time", f"{self.seconds:.0f} s")
+        table.add_row("draft", self.draft)
+        console.print(table)
+        console.print("serve it: python -m sglang.launch_server --model-path TARGET "
+                      "--speculative-algorithm EAGLE3 --speculative-draft-model-path "
+                      f"{self.draft}")
+
+
+def _extra_metrics(table: Table, path: Path) -> None:
+    """Evaluation figures the trainer may leave beside its output, shown as they are."""
+    if not path.is_file():
+        return
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    for key, value in sorted(metrics.items()):
+        if isinstance(value, float | int):
+            table.add_row(key.replace("_", " "), f"{value:.4g}")
+        elif isinstance(value, list) and all(isinstance(v, float | int) for v in value):
+            table.add_row(key.replace("_", " "), "  ".join(f"{v:.3f}" for v in value))
