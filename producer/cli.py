@@ -50,8 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="feature store URL: mooncake://MASTER:PORT?local=THIS_NODE_IP&"
                    "segment_mb=N (see docs/feature-store.md) or memory://NAME for one process "
                    "[$DRAFTFLOW_STORE, default mooncake://127.0.0.1:50061]")
-    p.add_argument("--engine", default=_env("DRAFTFLOW_ENGINE", "hf"), choices=("hf",),
-                   help="capture engine: hf (transformers, CPU or GPU) [$DRAFTFLOW_ENGINE]")
+    p.add_argument("--engine", default=_env("DRAFTFLOW_ENGINE", "hf"),
+                   help="capture engine by name; hf runs transformers on CPU or GPU "
+                   "[$DRAFTFLOW_ENGINE, default hf]")
     p.add_argument("--model-path", default=_env("DRAFTFLOW_MODEL_PATH"),
                    help="target model directory on this node (default: the run's "
                    "target.model_path) [$DRAFTFLOW_MODEL_PATH]")

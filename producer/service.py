@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from producer.engines import EngineConfig, create_engine
+from producer.engines import ENGINES, EngineConfig, EngineError, create_engine
 from producer.worker import Producer, ProducerStats, WorkerConfig
 from services.api import coordinator_pb2 as cpb
 from services.api import coordinator_pb2_grpc, producer_pb2, producer_pb2_grpc
@@ -123,6 +123,9 @@ class ProducerProcess:
         from transformers import AutoTokenizer
 
         self.cfg = cfg
+        if cfg.engine not in ENGINES:
+            raise EngineError(f"unknown capture engine {cfg.engine!r}; choose one of "
+                              + ", ".join(sorted(ENGINES)))
         self._channel = open_channel(cfg.coordinator, cfg.coordinator_token, cfg.coordinator_ca)
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
         run = stub.GetRun(cpb.GetRunRequest(run_id=cfg.run_id)).run
