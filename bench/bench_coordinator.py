@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from services.api import common_pb2, coordinator_pb2_grpc  # noqa: E402
-from services.api import coordinator_pb2 as cpb
+from services.api import coordinator_pb2 as cpb  # noqa: E402
 from services.rpc.client import open_channel  # noqa: E402
 from tests.coordinator import helpers as h  # noqa: E402
 

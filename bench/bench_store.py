@@ -102,7 +102,7 @@ def measure_local(store: FeatureStore, size: int, src: torch.Tensor, repeats: in
     view = memoryview(src.numpy())
     return {
         "memcpy": best_gbps(n, lambda: dst.copy_(src), repeats),
-        "xxh64": best_gbps(n, lambda: checksum(view), repeats),
+        "checksum": best_gbps(n, lambda: checksum(view), repeats),
         "pickle": best_gbps(n, lambda: pickle.loads(pickle.dumps(src)), repeats),
         "store_write_registered": best_gbps(
             n, lambda: store.put_sample("r", f"w{size}", 0, {"x": registered}), repeats),
@@ -173,14 +173,15 @@ def main() -> None:
     master.stop()
 
     print("GB/s, best run after a warm-up. write: put_sample from registered memory into the "
-          "writer's own segment (wstaged: from ordinary memory, one staging copy); xxh64: the "
-          "checksum alone, which every write pays. read: get_sample in another process over "
+          "writer's own segment (wstaged: from ordinary memory, one staging copy); xxh3: the "
+          "XXH3-64 checksum alone, which every write pays."
+          " read: get_sample in another process over "
           "loopback TCP with checksum check (read-nv: without); raw: Mooncake's get_into alone.")
-    print(f"{'MiB':>5} {'memcpy':>7} {'xxh64':>6} {'socket':>7} {'pickle':>7} | {'write':>6} "
+    print(f"{'MiB':>5} {'memcpy':>7} {'xxh3':>6} {'socket':>7} {'pickle':>7} | {'write':>6} "
           f"{'w/memcpy':>8} {'wstaged':>7} | {'read':>6} {'r/sock':>6} {'read-nv':>7} "
           f"{'nv/sock':>7} {'raw':>6} {'raw/sock':>8} {'r/pickle':>8}")
     for size, r in rows.items():
-        print(f"{size:>5} {r['memcpy']:>7.2f} {r['xxh64']:>6.2f} {r['socket']:>7.2f} "
+        print(f"{size:>5} {r['memcpy']:>7.2f} {r['checksum']:>6.2f} {r['socket']:>7.2f} "
               f"{r['pickle']:>7.2f} | {r['store_write_registered']:>6.2f} "
               f"{r['store_write_registered'] / r['memcpy']:>8.2f} "
               f"{r['store_write_staged']:>7.2f} | {r['store_read']:>6.2f} "

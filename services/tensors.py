@@ -50,8 +50,8 @@ def make_key(store_id: str, run_id: str, sample_id: str, generation: int, name: 
 
 
 def checksum(data: memoryview | bytes | bytearray) -> int:
-    """xxh64 of the raw bytes: fast enough to run on every write."""
-    return xxhash.xxh64_intdigest(data)
+    """XXH3-64 of the raw bytes: fast enough (about memcpy speed) to run on every write."""
+    return xxhash.xxh3_64_intdigest(data)
 
 
 def tensor_checksum(tensor: torch.Tensor) -> int:

@@ -59,7 +59,7 @@ class MooncakeConfig:
     placement: str = "local"
     """``local``: put into this process's segment when it has one; ``any``: let the master pick."""
     verify: bool = True
-    """Check every tensor's xxh64 on read."""
+    """Check every tensor's checksum on read."""
     retries: int = 3
     """Attempts for an operation that failed because the master did not answer."""
     retry_delay_s: float = 0.2

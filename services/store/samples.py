@@ -80,7 +80,7 @@ def byte_view(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def bytes_checksum(data: torch.Tensor) -> int:
-    """xxh64 of a flat CPU uint8 tensor."""
+    """Checksum (services.tensors.checksum) of a flat CPU uint8 tensor."""
     if data.numel() == 0:
         return checksum(b"")
     return checksum(memoryview(data.numpy()))
