@@ -28,7 +28,7 @@ import grpc
 from producer.dataprep import PreparedPrompt, PromptError, messages_from_conversation
 from producer.dataprep import prepare_prompt as _prepare
 from producer.engines.base import CaptureEngine, EngineError
-from producer.features import eagle3_features
+from producer.features import EAGLE3_TENSORS, eagle3_features
 from services.api import common_pb2, run_pb2
 from services.api import coordinator_pb2 as cpb
 from services.fingerprint import run_fingerprint
@@ -69,6 +69,7 @@ class _Item:
     prompt: PreparedPrompt | None = None
     features: dict[str, Any] | None = None
     ref: common_pb2.SampleRef | None = None
+    stored: tuple[common_pb2.TensorSpec, ...] = ()  # written by an engine that writes itself
 
     def handle(self) -> cpb.LeaseHandle:
         return cpb.LeaseHandle(sample_id=self.lease.sample_id, lease_token=self.lease.lease_token)
@@ -276,6 +277,9 @@ class Producer:
         return ready
 
     def _capture(self, items: list[_Item]) -> None:
+        if getattr(self._engine, "writes_to_store", False):
+            self._capture_to_store(items)
+            return
         start = time.monotonic()
         try:
             captured = self._engine.capture([it.prompt.input_ids.tolist() for it in items])
@@ -287,6 +291,32 @@ class Producer:
         for it, feats in zip(items, captured, strict=True):
             it.features = eagle3_features(it.prompt, feats)
         self._queue.put(items)
+
+    def _capture_to_store(self, items: list[_Item]) -> None:
+        """Engines that write features themselves (sglang) answer with specs; the writer then
+        adds the loss mask, which only the producer knows, and commits."""
+        from producer.engines.sglang import CapturedRef, CaptureItem
+
+        start = time.monotonic()
+        try:
+            outcomes = self._engine.capture_to_store([  # type: ignore[attr-defined]
+                CaptureItem(self._cfg.run_id, it.lease.sample_id, it.lease.generation,
+                            tuple(it.prompt.input_ids.tolist())) for it in items])
+        except EngineError as exc:
+            self._fail(items, f"capture failed: {exc}", retryable=True)
+            return
+        finally:
+            self.stats.engine_busy_s += time.monotonic() - start
+        done: list[_Item] = []
+        for it, outcome in zip(items, outcomes, strict=True):
+            if isinstance(outcome, CapturedRef):
+                it.stored = outcome.tensors
+                it.features = {"loss_mask": it.prompt.loss_mask.contiguous()}
+                done.append(it)
+            else:
+                self._fail([it], outcome.reason, retryable=outcome.retryable)
+        if done:
+            self._queue.put(done)
 
     # ----------------------------------------------------------- writer side
 
@@ -323,13 +353,16 @@ class Producer:
             except StoreFull as exc:
                 # Backpressure: the trainer frees samples as it commits steps; wait for room.
                 if self._clock() + delay > give_up:
-                    self._fail([it], f"feature store full: {exc}", retryable=True)
+                    self._abandon(it, f"feature store full: {exc}")
                     return False
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
             except StoreError as exc:
-                self._fail([it], f"feature store write failed: {exc}", retryable=True)
+                self._abandon(it, f"feature store write failed: {exc}")
                 return False
+        if it.stored:
+            by_name = {spec.name: spec for spec in (*it.stored, *specs)}
+            specs = [by_name[name] for name in EAGLE3_TENSORS if name in by_name]
         it.ref = common_pb2.SampleRef(
             run_id=self._cfg.run_id, sample_id=lease.sample_id, prompt_id=lease.prompt_id,
             epoch=lease.epoch, generation=lease.generation, store=self._store.store_id,
@@ -337,6 +370,12 @@ class Producer:
             meta={"engine": self._engine.name, "truncated": str(it.prompt.truncated).lower()})
         it.features = None  # the store holds its own copy or reference now
         return True
+
+    def _abandon(self, it: _Item, reason: str) -> None:
+        """A write failed: remove what the engine already stored, give the prompt back."""
+        if it.stored:
+            self._store_remove([spec.key for spec in it.stored])
+        self._fail([it], reason, retryable=True)
 
     def _commit(self, items: list[_Item]) -> None:
         commits = [cpb.SampleCommit(ref=it.ref, lease_token=it.lease.lease_token) for it in items]
@@ -441,7 +480,11 @@ class Producer:
                 "lease_lost", run_id=self._cfg.run_id, sample_id=it.lease.sample_id, reason=why))
 
     def _remove_keys(self, items: list[_Item]) -> None:
-        keys = [t.key for it in items if it.ref is not None for t in it.ref.tensors]
+        keys = [spec.key for it in items
+                for spec in (it.ref.tensors if it.ref is not None else it.stored)]
+        self._store_remove(keys)
+
+    def _store_remove(self, keys: list[str]) -> None:
         if keys:
             try:
                 self._store.remove(keys)

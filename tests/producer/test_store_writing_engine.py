@@ -1,0 +1,71 @@
+"""The work loop with an engine that writes features itself: the real sglang engine (HTTP mode)
+against a stand-in SGLang server running the real capture plugin, a real coordinator and store.
+
+Only SGLang is replaced (it cannot run here); the plugin, the engine, the work loop, the
+coordinator and the store are the real ones.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import producer.sglang_plugin as plugin
+from producer.dataprep import messages_from_conversation, prepare_prompt
+from producer.engines.base import EngineConfig
+from producer.engines.sglang import SGLangEngine, SGLangOptions
+from producer.features import EAGLE3_TENSORS
+from services.dataset import parse_line, prompt_id
+from services.store.memory import MemoryStore
+from tests.producer.helpers import create_run, lines, make_producer, read_all_steps, status
+from tests.sglang import fakes
+from tests.sglang.conftest import install_on_fakes
+from tests.sglang.http_server import FakeSGLangServer
+
+
+@pytest.fixture
+def sglang(llama_dir: Path) -> Iterator[tuple[FakeSGLangServer, SGLangEngine, MemoryStore]]:
+    store = MemoryStore(f"sg-{uuid.uuid4().hex[:8]}", store_id="mem")
+    install_on_fakes(store)
+    try:
+        with FakeSGLangServer(128, [1, 3, 4]) as server:
+            engine = SGLangEngine(EngineConfig(model_path=str(llama_dir)),
+                                  SGLangOptions(store=store, server_urls=(server.url,)))
+            yield server, engine, store
+            engine.close()
+    finally:
+        plugin.uninstall(fakes.SchedulerBatchResultProcessor, fakes.SchedulerOutputStreamer)
+
+
+def test_refs_get_the_producers_loss_mask(stub, llama_dir: Path, llama_tokenizer,
+                                          sglang) -> None:
+    server, engine, store = sglang
+    rows = lines(6)
+    run = create_run(stub, llama_dir, rows)
+    stats = make_producer(stub, store, engine, llama_dir, run, lease_batch=4).run()
+    assert stats.samples_committed == 6 and stats.prompts_failed == 0
+    assert len(server.bodies) == 1 + 6  # the engine's start-up probe, then one per prompt
+    convs = {prompt_id(parse_line(r)): parse_line(r) for r in rows}
+    samples = read_all_steps(stub, run, store)
+    assert len(samples) == 6
+    for ref, tensors in samples:
+        assert [t.name for t in ref.tensors] == list(EAGLE3_TENSORS)
+        prompt = prepare_prompt(llama_tokenizer, messages_from_conversation(
+            convs[ref.prompt_id]), 96)
+        assert torch.equal(tensors["input_ids"], prompt.input_ids)
+        assert torch.equal(tensors["loss_mask"], prompt.loss_mask)
+        assert tensors["aux_hidden_state"].shape == (prompt.num_tokens, 3 * 128)
+        assert tensors["hidden_state"].shape == (prompt.num_tokens, 128)
+
+
+def test_refused_captures_fail_their_prompts(stub, llama_dir: Path, sglang) -> None:
+    server, engine, store = sglang
+    server.mode = "wrong_length"
+    run = create_run(stub, llama_dir, lines(3))
+    stats = make_producer(stub, store, engine, llama_dir, run).run()
+    assert stats.samples_committed == 0 and stats.prompts_failed == 3
+    assert status(stub).prompts["DEAD"] == 3
