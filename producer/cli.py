@@ -51,8 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "segment_mb=N (see docs/feature-store.md) or memory://NAME for one process "
                    "[$DRAFTFLOW_STORE, default mooncake://127.0.0.1:50061]")
     p.add_argument("--engine", default=_env("DRAFTFLOW_ENGINE", "hf"),
-                   help="capture engine by name; hf runs transformers on CPU or GPU "
-                   "[$DRAFTFLOW_ENGINE, default hf]")
+                   help="capture engine: hf (transformers, CPU or GPU) or sglang (stock SGLang "
+                   "with the draftflow plugin; see docs/sglang.md) [$DRAFTFLOW_ENGINE, default hf]")
+    p.add_argument("--sglang-url", action="append", default=None,
+                   help="sglang: a running SGLang server, http://HOST:PORT; repeat for several. "
+                   "None: start SGLang in this process [$DRAFTFLOW_SGLANG_URLS, comma separated]")
+    p.add_argument("--sglang-max-in-flight", type=int, default=16,
+                   help="sglang over HTTP: most requests outstanding per server (default 16)")
     p.add_argument("--model-path", default=_env("DRAFTFLOW_MODEL_PATH"),
                    help="target model directory on this node (default: the run's "
                    "target.model_path) [$DRAFTFLOW_MODEL_PATH]")
@@ -101,6 +106,9 @@ def _serve(args: argparse.Namespace) -> int:
         coordinator=args.coordinator, run_id=args.run, store_url=args.store, engine=args.engine,
         model_path=args.model_path, device=args.device, dtype=args.dtype,
         token_budget=args.token_budget,
+        sglang_urls=tuple(args.sglang_url or filter(None, (_env("DRAFTFLOW_SGLANG_URLS") or "")
+                                                    .split(","))),
+        sglang_max_in_flight=args.sglang_max_in_flight,
         worker=WorkerConfig(run_id=args.run, identity=identity, lease_batch=args.lease_batch,
                             revision=args.revision),
         coordinator_token=args.token, coordinator_ca=args.tls_ca,

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from producer.engines import ENGINES, EngineConfig, EngineError, create_engine
+from producer.engines import ENGINES, EngineConfig, EngineContext, EngineError, create_engine
 from producer.worker import Producer, ProducerStats, WorkerConfig
 from services.api import coordinator_pb2 as cpb
 from services.api import coordinator_pb2_grpc, producer_pb2, producer_pb2_grpc
@@ -43,6 +43,10 @@ class ProducerConfig:
     device: str = "auto"
     dtype: str = "auto"
     token_budget: int = 8192
+    sglang_urls: tuple[str, ...] = ()
+    """sglang engine: running servers; empty starts SGLang in this process."""
+    sglang_max_in_flight: int = 16
+    """sglang engine over HTTP: most requests outstanding per server."""
     worker: WorkerConfig | None = None
     """Work-loop pacing; ``run_id`` is taken from above."""
     coordinator_token: str | None = None
@@ -134,7 +138,9 @@ class ProducerProcess:
         self.engine = create_engine(cfg.engine, EngineConfig(
             model_path=model_path, device=cfg.device, dtype=cfg.dtype,
             aux_layer_ids=tuple(run.config.capture.aux_layer_ids) or None,
-            token_budget=cfg.token_budget))
+            token_budget=cfg.token_budget), EngineContext(
+            store=self.store, store_url=cfg.store_url, server_urls=cfg.sglang_urls,
+            max_in_flight=cfg.sglang_max_in_flight))
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         worker = cfg.worker or WorkerConfig(run_id=cfg.run_id)
         if worker.run_id != cfg.run_id:

@@ -137,7 +137,7 @@ def test_guards(llama_dir: Path, llama_engine: HFEngine) -> None:
         llama_engine.capture([[1, 2], []])
     with pytest.raises(EngineError, match=r"batch\[0\] has token ids \[2048\] outside the target"):
         llama_engine.capture([[1, 2048]])
-    with pytest.raises(EngineError, match="unknown capture engine 'vllm'; choose one of hf"):
+    with pytest.raises(EngineError, match="capture engine 'vllm'; choose one of hf, sglang"):
         create_engine("vllm", EngineConfig(model_path=str(llama_dir)))
     with pytest.raises(EngineError, match=r"has no config\.json"):
         create_engine("hf", EngineConfig(model_path=str(llama_dir / "nope")))
@@ -148,7 +148,9 @@ def test_guards(llama_dir: Path, llama_engine: HFEngine) -> None:
     engine.close()
     with pytest.raises(EngineError, match="hf engine is closed"):
         engine.capture([[1]])
-    assert sorted(ENGINES) == ["hf"]
+    assert sorted(ENGINES) == ["hf", "sglang"]
+    with pytest.raises(EngineError, match="writes features to the store itself"):
+        create_engine("sglang", EngineConfig(model_path=str(llama_dir)))
 
 
 def test_eagle3_features(llama_tokenizer, llama_engine: HFEngine) -> None:

@@ -19,7 +19,9 @@ from producer.dataprep import messages_from_conversation, prepare_prompt
 from producer.engines.base import EngineConfig
 from producer.engines.sglang import SGLangEngine, SGLangOptions
 from producer.features import EAGLE3_TENSORS
+from producer.service import ProducerConfig, ProducerProcess
 from services.dataset import parse_line, prompt_id
+from services.rpc.server import ServerConfig
 from services.store.memory import MemoryStore
 from tests.producer.helpers import create_run, lines, make_producer, read_all_steps, status
 from tests.sglang import fakes
@@ -69,3 +71,20 @@ def test_refused_captures_fail_their_prompts(stub, llama_dir: Path, sglang) -> N
     stats = make_producer(stub, store, engine, llama_dir, run).run()
     assert stats.samples_committed == 0 and stats.prompts_failed == 3
     assert status(stub).prompts["DEAD"] == 3
+
+
+def test_producer_process_runs_the_sglang_engine(coordinator, stub, llama_dir: Path,
+                                                 sglang) -> None:
+    server, _engine, store = sglang
+    run = create_run(stub, llama_dir, lines(4))
+    proc = ProducerProcess(ProducerConfig(
+        coordinator=f"127.0.0.1:{coordinator.port}", run_id=run.run_id,
+        store_url=f"memory://{store.name}?store_id=mem", engine="sglang",
+        sglang_urls=(server.url,), server=ServerConfig(listen="127.0.0.1:0")))
+    try:
+        stats = proc.wait(timeout=120)
+    finally:
+        proc.stop(grace=0.5)
+    assert stats is not None and stats.samples_committed == 4
+    assert proc.engine.name == "sglang"
+    assert status(stub).prompts["CAPTURED"] == 4
