@@ -98,7 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from producer.engines import EngineError
     from producer.service import ProducerConfig, ProducerProcess
-    from producer.worker import FingerprintMismatch, WorkerConfig
+    from producer.worker import RegistrationRefused, WorkerConfig
     from services.rpc.server import ServerConfig
 
     identity = f"{socket.gethostname()}:{os.getpid()}"
@@ -117,7 +117,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     try:
         proc = ProducerProcess(cfg)
-    except FingerprintMismatch as exc:
+    except RegistrationRefused as exc:
         raise SystemExit(f"draftflow producer: refused by the coordinator: {exc}") from None
     except (EngineError, ValueError) as exc:
         raise SystemExit(f"draftflow producer: {exc}") from None

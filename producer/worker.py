@@ -88,8 +88,9 @@ class ProducerStats:
     in_flight: int = 0
 
 
-class FingerprintMismatch(RuntimeError):
-    """This node's model or config does not match the run; the message has both values."""
+class RegistrationRefused(RuntimeError):
+    """The coordinator refused this producer: a fingerprint mismatch (the message has both
+    values) or a run that is cancelled."""
 
 
 def local_fingerprint(run: cpb.Run, tokenizer: Any, aux_layer_ids: Sequence[int],
@@ -157,7 +158,7 @@ class Producer:
                 identity=self._cfg.identity))
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                raise FingerprintMismatch(exc.details()) from None
+                raise RegistrationRefused(exc.details()) from None
             raise
         self.session_id = resp.session_id
         if resp.heartbeat_interval_seconds > 0:

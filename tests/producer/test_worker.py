@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from producer.dataprep import messages_from_conversation, prepare_prompt
 from producer.features import EAGLE3_TENSORS
-from producer.worker import FingerprintMismatch
+from producer.worker import RegistrationRefused
 from services.api import common_pb2
 from services.api import coordinator_pb2 as cpb
 from services.dataset import parse_line, prompt_id
@@ -74,7 +74,7 @@ def test_too_long_row_is_dead_with_its_reason(stub, store, engine, llama_dir: Pa
 def test_fingerprint_mismatch_is_refused(stub, store, engine, llama_dir: Path) -> None:
     run = create_run(stub, llama_dir, lines(3))
     producer = make_producer(stub, store, engine, llama_dir, run, revision="other-weights")
-    with pytest.raises(FingerprintMismatch) as info:
+    with pytest.raises(RegistrationRefused) as info:
         producer.register()
     assert f"run has {run.fingerprint}" in str(info.value)
     assert "fingerprint mismatch for run 'r1': worker has " in str(info.value)
