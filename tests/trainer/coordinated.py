@@ -71,6 +71,14 @@ class Feeder:
         self.committed = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._keeper = threading.Thread(target=self._beat, name="test-feeder-heartbeat",
+                                        daemon=True)
+        self._keeper.start()
+
+    def _beat(self) -> None:
+        interval = self.run.config.lease.heartbeat_seconds
+        while not self._stop.wait(interval):
+            self.stub.Heartbeat(cpb.HeartbeatRequest(session_id=self.session))
 
     def feed(self, max_prompts: int) -> int:
         """Lease up to ``max_prompts`` and commit them in one call; return how many."""
@@ -99,7 +107,6 @@ class Feeder:
             while not self._stop.is_set():
                 if not self.feed(64):
                     self._stop.wait(0.05)
-                    self.stub.Heartbeat(cpb.HeartbeatRequest(session_id=self.session))
 
         self._thread = threading.Thread(target=loop, name="test-feeder", daemon=True)
         self._thread.start()
@@ -108,6 +115,7 @@ class Feeder:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self._keeper.join(timeout=10)
 
 
 def status(stub: Any, run_id: str) -> cpb.RunStatus:
