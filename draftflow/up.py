@@ -142,8 +142,12 @@ def run(opts: UpOptions) -> int:
                         "--listen", trainer_target, "--out", str(out_dir),
                         "--device", opts.device]
         if world > 1:
+            # torchrun's parser reads `--run` as an ambiguous `--run-path`: pass it in the env.
+            i = trainer_args.index("--run")
+            del trainer_args[i:i + 2]
             trainer = stack.python("trainer", ["torch.distributed.run", "--standalone",
-                                               f"--nproc-per-node={world}", "-m", *trainer_args])
+                                               f"--nproc-per-node={world}", "-m", *trainer_args],
+                                   env={"DRAFTFLOW_RUN": run_id})
         else:
             trainer = stack.python("trainer", trainer_args)
         watch = TrainerWatch(trainer_target)
