@@ -17,15 +17,16 @@ What it does:
   SIGTERM / Ctrl-C: finish the current step, checkpoint, stop (a second signal kills).
 
 Ranks:
-  run under torchrun; the number of ranks must equal the run's step.world_size. Each rank
-  streams its own slice. Rank 0 serves TrainerService and /metrics and commits.
+  run under torchrun (there, write --run-id, not --run); the number of ranks must equal the
+  run's step.world_size. Each rank streams its own slice. Rank 0 serves TrainerService and
+  /metrics and commits.
 
 Examples:
   # one CPU process, tiny run
   draftflow trainer --coordinator 127.0.0.1:50051 --run tiny --out ./out/tiny \\
       --store 'mooncake://127.0.0.1:50061' --device cpu
   # 8 GPUs on one node
-  torchrun --nproc-per-node 8 -m draftflow trainer --coordinator ctl:50051 --run r1 \\
+  torchrun --nproc-per-node 8 -m draftflow trainer --coordinator ctl:50051 --run-id r1 \\
       --store "mooncake://ctl:50061?local=$NODE_IP" --out /checkpoints/r1
   # see how it is doing, or ask for a checkpoint now
   grpcurl -plaintext localhost:50053 draftflow.v1.TrainerService/GetStatus
@@ -50,8 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--coordinator", required=_env("DRAFTFLOW_COORDINATOR") is None,
                    default=_env("DRAFTFLOW_COORDINATOR"),
                    help="coordinator HOST:PORT [$DRAFTFLOW_COORDINATOR]")
-    p.add_argument("--run", required=_env("DRAFTFLOW_RUN") is None, default=_env("DRAFTFLOW_RUN"),
-                   help="run id, as given to `draftflow run create` [$DRAFTFLOW_RUN]")
+    p.add_argument("--run", "--run-id", dest="run", required=_env("DRAFTFLOW_RUN") is None,
+                   default=_env("DRAFTFLOW_RUN"),
+                   help="run id, as given to `draftflow run create`; under torchrun spell it "
+                   "--run-id (torchrun takes --run for its own --run-path) [$DRAFTFLOW_RUN]")
     p.add_argument("--store", default=_env("DRAFTFLOW_STORE", "mooncake://127.0.0.1:50061"),
                    help="feature store URL: mooncake://MASTER:PORT?local=THIS_NODE_IP (see "
                    "docs/feature-store.md) or memory://NAME in one process [$DRAFTFLOW_STORE, "
