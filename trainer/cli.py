@@ -109,7 +109,7 @@ def _train(args: argparse.Namespace) -> int:
     from services.rpc.server import ServerConfig
     from trainer.runner import CoordinatorRunner, RunnerConfig
     from trainer.service import TrainerServer
-    from trainer.session import FingerprintMismatch
+    from trainer.session import RegistrationRefused
 
     cfg = RunnerConfig(
         coordinator=args.coordinator, run_id=args.run, store_url=args.store,
@@ -119,7 +119,7 @@ def _train(args: argparse.Namespace) -> int:
     )
     try:
         runner = CoordinatorRunner(cfg)
-    except FingerprintMismatch as exc:
+    except RegistrationRefused as exc:
         raise SystemExit(f"draftflow trainer: refused by the coordinator: {exc}") from None
     except grpc.RpcError as exc:
         raise SystemExit(f"draftflow trainer: coordinator {args.coordinator}: "

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import shutil
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,50 @@ def path_from_uri(uri: str) -> Path:
     raise ValueError(f"checkpoint uri {uri!r}: only file:// checkpoints can be loaded here")
 
 
+class _Committer:
+    """Runs coordinator calls of the step protocol in order, off the training thread.
+
+    Commits, frees and checkpoint records cost round trips that the next step need not wait
+    for: the stream already holds ``prefetch`` steps. A failure is raised on the next submit.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="trainer-committer",
+                                        daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (job := self._queue.get()) is not None:
+            try:
+                if self._error is None:
+                    job()
+            except BaseException as exc:
+                self._error = exc
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._raise()
+        self._queue.put(job)
+
+    def flush(self) -> None:
+        """Wait until every submitted call has run; raise the first failure."""
+        self._queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=60)
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
 class _Stop(Exception):
     """Raised on every rank at the same step when any rank was asked to stop."""
 
@@ -150,8 +195,11 @@ class CoordinatorRunner:
         self.stopped = False
         self.losses: list[tuple[int, float]] = []
         """(step, loss) of every step this runner trained, in order."""
+        self.timeline: list[tuple[float, float]] = []
+        """(``time.perf_counter()`` at commit, seconds inside ``train_step``) of those steps."""
         self._lock = threading.Lock()
         self.source: CoordinatorSteps | None = None
+        self._committer = _Committer()
         self._resume(reg.last_checkpoint_step, reg.last_checkpoint_uri)
 
     # -- resume -------------------------------------------------------------------------------
@@ -215,12 +263,14 @@ class CoordinatorRunner:
                 self.stopped = True
             if self.trainer.step > self.status.last_checkpoint_step:
                 self._checkpoint()
+            self._committer.flush()
             if self.cfg.export and not self.stopped and self.dist.rank == 0:
                 names = export_draft(self.trainer, self.cfg.out_dir / "final", overwrite=True)
                 log.info("draft exported", extra=event(
                     "export", run_id=self.cfg.run_id, step=self.trainer.step,
                     path=str(self.cfg.out_dir / "final"), tensors=len(names)))
         finally:
+            self._committer.close()
             self.source.close()
             self.status.done = True
             self._fail_requests(RuntimeError("training ended before the checkpoint was taken"))
@@ -236,12 +286,13 @@ class CoordinatorRunner:
             asked = [1.0 if self._save_requests else 0.0, 1.0 if self._stop_requested else 0.0]
         flags = all_reduce_sum(torch.tensor(asked, device=self.dist.device), self.dist).tolist()
         if self.dist.rank == 0:
-            self._free(self.session.commit_step(step, float(metrics["loss"])))
+            loss = float(metrics["loss"])
+            self._committer.submit(lambda: self._free(self.session.commit_step(step, loss)))
         self._update_status(step, metrics)
         if flags[0] > 0 and step > self.status.last_checkpoint_step:
             self._checkpoint()
         elif flags[0] > 0:
-            self._answer_requests()
+            self._committer.submit(self._answer_requests)
         if flags[1] > 0:
             raise _Stop()
 
@@ -252,9 +303,10 @@ class CoordinatorRunner:
 
     def _on_checkpoint(self, step: int, path: Path) -> None:
         if self.dist.rank == 0:
-            self._free(self.session.commit_checkpoint(step, checkpoint_uri(path)))
+            uri = checkpoint_uri(path)
+            self._committer.submit(lambda: self._free(self.session.commit_checkpoint(step, uri)))
         self.status.last_checkpoint_step = step
-        self._answer_requests()
+        self._committer.submit(self._answer_requests)
 
     def _checkpoint(self) -> None:
         path = self.trainer.save_checkpoint()
@@ -275,6 +327,7 @@ class CoordinatorRunner:
         trained = step - self._first_step
         s.step, s.loss, s.steps_trained = step, float(metrics["loss"]), trained
         self.losses.append((step, s.loss))
+        self.timeline.append((time.perf_counter(), float(metrics.get("step_seconds", 0.0))))
         s.accuracies = [metrics[f"acc_{k}"] for k in range(self.train_cfg.ttt_length)]
         s.acceptance_length = float(metrics.get("acceptance_length", 0.0))
         s.samples_per_second = trained * self.train_cfg.geometry.per_step / elapsed
@@ -310,6 +363,7 @@ class CoordinatorRunner:
 
     def close(self) -> None:
         """Leave the coordinator session and close the store."""
+        self._committer.close()
         if self.source is not None:
             self.source.close()
         self.session.close()

@@ -29,8 +29,9 @@ RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 """Waits between StreamSteps reconnects while the coordinator is UNAVAILABLE; the last repeats."""
 
 
-class FingerprintMismatch(RuntimeError):
-    """This node's tokenizer or capture layers do not match the run; the message has both."""
+class RegistrationRefused(RuntimeError):
+    """The coordinator refused this trainer: a fingerprint mismatch (this node's tokenizer or
+    capture layers differ from the run's; the message has both values) or a cancelled run."""
 
 
 def aux_layer_ids(run: cpb.Run) -> list[int]:
@@ -82,15 +83,15 @@ class CoordinatorSession:
         return self.stub.GetRun(cpb.GetRunRequest(run_id=self.run_id)).run
 
     def register(self, fingerprint: str) -> cpb.RegisterWorkerResponse:
-        """Register as a trainer; a fingerprint the run refuses raises ``FingerprintMismatch``."""
+        """Register as a trainer; a refusal (fingerprint, cancelled run) raises
+        ``RegistrationRefused``."""
         try:
             resp = self.stub.RegisterWorker(cpb.RegisterWorkerRequest(
                 run_id=self.run_id, role=common_pb2.WORKER_ROLE_TRAINER, fingerprint=fingerprint,
                 identity=self.identity))
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "fingerprint" in (
-                    exc.details() or ""):
-                raise FingerprintMismatch(exc.details()) from None
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise RegistrationRefused(exc.details()) from None
             raise
         self.session_id = resp.session_id
         self.registration = resp

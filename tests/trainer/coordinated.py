@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import grpc
 import torch
 from sqlalchemy import select
 
@@ -42,8 +43,8 @@ def create_run(stub: Any, tiny: Any, n: int, run_id: str, world_size: int = 1,
                  "accumulation": accumulation},
         "training": {"learning_rate": 3e-3, "warmup_steps": 3,
                      "checkpoint_every": checkpoint_every, "seed": 7, "max_grad_norm": 0.5},
-        "lease": {"lease_seconds": lease_seconds, "heartbeat_seconds": 0.5,
-                  "heartbeat_misses": 4},
+        "lease": {"lease_seconds": lease_seconds, "heartbeat_seconds": 1.0,
+                  "heartbeat_misses": 5},
         "watermark": {"high_samples": 0, "low_samples": 0},
     })
     facts = describe_run(tiny.target_dir, cfg, rows)
@@ -78,7 +79,10 @@ class Feeder:
     def _beat(self) -> None:
         interval = self.run.config.lease.heartbeat_seconds
         while not self._stop.wait(interval):
-            self.stub.Heartbeat(cpb.HeartbeatRequest(session_id=self.session))
+            try:
+                self.stub.Heartbeat(cpb.HeartbeatRequest(session_id=self.session))
+            except grpc.RpcError:
+                return  # the coordinator is gone or dropped us: feed() will say so loudly
 
     def feed(self, max_prompts: int) -> int:
         """Lease up to ``max_prompts`` and commit them in one call; return how many."""

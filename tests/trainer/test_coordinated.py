@@ -22,7 +22,7 @@ from tests.trainer.coordinated import (
 )
 from trainer.config import TrainerConfig
 from trainer.loop import build_trainer
-from trainer.session import FingerprintMismatch, aux_layer_ids
+from trainer.session import RegistrationRefused, aux_layer_ids
 from trainer.steps import InProcessSteps
 
 N = 16
@@ -35,7 +35,9 @@ def test_mooncake_reads_train_bit_identically_to_in_process_features(
     store_id = "parity"
     writer = open_store(store_url(master, store_id, segment_mb=64, buffer_mb=16))
     try:
-        Feeder(stub, writer, run, features).feed(N)
+        feeder = Feeder(stub, writer, run, features)
+        feeder.feed(N)
+        feeder.stop()
         runner = make_runner(coordinator, "parity", store_url(master, store_id, buffer_mb=16),
                              tmp_path / "out", prefetch=2, export=False)
         try:
@@ -70,5 +72,5 @@ def test_mooncake_reads_train_bit_identically_to_in_process_features(
 def test_a_node_whose_fingerprint_differs_is_refused(tiny, coordinator, stub,
                                                      tmp_path: Path) -> None:
     run, _ = create_run(stub, tiny, 4, "fp")
-    with pytest.raises(FingerprintMismatch, match=f"run has {run.fingerprint}"):
+    with pytest.raises(RegistrationRefused, match=f"run has {run.fingerprint}"):
         make_runner(coordinator, "fp", "memory://fp", tmp_path / "out", revision="other-weights")
