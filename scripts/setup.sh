@@ -39,4 +39,16 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || ! grep -qx "$extras" 
   "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[$extras]"
   echo "$extras" > "$stamp"
 fi
+if [ $want_test = 1 ] && [ ! -d .cache/sglang-src/sglang ]; then
+  # SGLang's own source (not installed: it needs CUDA) pins the capture plugin's fakes to it.
+  echo "fetching SGLang 0.5.23's source for the plugin tests"
+  "$VENV/bin/pip" download -q --disable-pip-version-check --no-deps sglang==0.5.23 -d .cache/wheels
+  "$VENV/bin/python" - <<'PY'
+import glob, zipfile
+wheel = sorted(glob.glob(".cache/wheels/sglang-0.5.23-*.whl"))[-1]
+with zipfile.ZipFile(wheel) as z:
+    z.extractall(".cache/sglang-src", [n for n in z.namelist()
+                                       if n.startswith("sglang/") and n.endswith(".py")])
+PY
+fi
 echo "ready: $VENV/bin/draftflow"

@@ -12,7 +12,8 @@ import importlib.util
 import os
 from pathlib import Path
 
-_CANDIDATES = ("/tmp/sglang_wheel/src",)
+# scripts/setup.sh --test unpacks SGLang 0.5.23's Python files here.
+_CANDIDATES = (str(Path(__file__).resolve().parents[2] / ".cache" / "sglang-src"),)
 
 
 def sglang_root() -> Path | None:
