@@ -7,6 +7,7 @@ process runs: on this host, or inside a network namespace through ``ip netns exe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -115,9 +116,14 @@ class Proc:
         return self.process.poll() is None
 
     def kill(self) -> None:
-        """SIGKILL the whole group: a crash, not a shutdown."""
-        if self.alive():
-            os.killpg(self.process.pid, signal.SIGKILL)
+        """SIGKILL the process and every descendant: a crash, not a shutdown.
+
+        torchrun starts each rank in a session of its own, so killing its process group alone
+        would leave the ranks training on as orphans.
+        """
+        for pid in [self.process.pid, *descendants(self.process.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.process.wait()
 
     def stop(self, timeout_s: float = 15.0) -> None:
@@ -136,10 +142,33 @@ class Proc:
             self.log().splitlines()[-lines:])
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid``, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def spawn(name: str, argv: Sequence[str], node: Node, log_dir: Path,
           env: dict[str, str] | None = None) -> Proc:
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{name}.log"
+    log_path, k = log_dir / f"{name}.log", 1
+    while log_path.exists():  # a restarted role gets a log of its own
+        k += 1
+        log_path = log_dir / f"{name}.{k}.log"
     full = [*node.prefix, *argv]
     with open(log_path, "ab") as log:
         process = subprocess.Popen(full, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -168,6 +197,7 @@ class Cluster:
     """Memory a holder on the control node lends the pool; 0: producers lend their own."""
     producer_segment_mb: int = 32
     procs: dict[str, Proc] = field(default_factory=dict)
+    crashed: list[Proc] = field(default_factory=list)
     master: MasterHandle | None = None
     coordinator_addr: str = ""
     trainer_listen: str = ""
@@ -235,7 +265,8 @@ class Cluster:
         return proc
 
     def restart_coordinator(self) -> None:
-        self.procs["coordinator"].kill()
+        """SIGKILL the coordinator and start it again on the same address and database."""
+        self.crash("coordinator")
         self.start_coordinator()
 
     def create_run(self) -> None:
@@ -323,12 +354,26 @@ class Cluster:
         except ConnectionError as exc:
             return str(exc)
 
+    def crash(self, name: str) -> Proc:
+        """SIGKILL a role; it no longer counts as part of the cluster's health."""
+        proc = self.procs.pop(name)
+        proc.kill()
+        self.crashed.append(proc)
+        return proc
+
+    def wait_step(self, step: int, timeout_s: float = 120.0) -> dict[str, Any]:
+        """Wait until ``step`` is committed; the status then (the run must still be going)."""
+        wait_for(lambda: self.committed_step() >= step, timeout_s, f"step {step} committed")
+        status = self.status()
+        assert status["state"] == "RUN_STATE_ACTIVE", status
+        return status
+
     def tails(self) -> str:
-        return "\n".join(p.tail() for p in self.procs.values())
+        return "\n".join(p.tail() for p in [*self.crashed, *self.procs.values()])
 
     def stop(self) -> None:
         """Stop everything this cluster started, whatever state it is in."""
-        for proc in reversed(list(self.procs.values())):
+        for proc in reversed([*self.crashed, *self.procs.values()]):
             proc.kill()
         if self.master is not None:
             self.master.kill()
