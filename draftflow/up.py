@@ -152,6 +152,7 @@ def run(opts: UpOptions) -> int:
             trainer = stack.python("trainer", trainer_args)
         watch = TrainerWatch(trainer_target)
         status = _follow(stub, run_id, stack, trainer, watch, console, opts.timeout_s, started)
+        watch.close()
         code = stack.wait_exit(trainer, 120.0)
         if code != 0:
             raise UpError(f"trainer exited with {code}:\n{trainer.log_tail()}")
@@ -226,4 +227,4 @@ def _follow(stub: Any, run_id: str, stack: Stack, trainer: Child, watch: Trainer
             if time.monotonic() - started > timeout_s:
                 raise UpError(f"not finished after {timeout_s:.0f} s; the run continues with "
                               "the next `draftflow up`")
-            time.sleep(0.5)
+            time.sleep(0.25)

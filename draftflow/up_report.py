@@ -49,20 +49,32 @@ class TrainerWatch:
     """Polls a trainer's ``GetStatus`` and keeps the last steps' figures."""
 
     def __init__(self, target: str) -> None:
-        self._stub = trainer_pb2_grpc.TrainerServiceStub(open_channel(target))
+        self._target = target
+        self._channel: grpc.Channel | None = None
         self._steps: deque[trainer_pb2.TrainerGetStatusResponse] = deque(maxlen=WINDOW_STEPS)
         self._last: trainer_pb2.TrainerGetStatusResponse | None = None
 
     def poll(self) -> None:
         """One status read; a trainer that is starting or gone is not an error here."""
+        if self._channel is None:
+            self._channel = open_channel(self._target)
+        stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
         try:
-            reply = self._stub.GetStatus(trainer_pb2.TrainerGetStatusRequest(), timeout=1.0)
+            reply = stub.GetStatus(trainer_pb2.TrainerGetStatusRequest(), timeout=1.0)
         except grpc.RpcError:
+            # A fresh channel next time: one that failed while the trainer was starting backs
+            # off for seconds and would miss a short run.
+            self.close()
             return
         self._last = reply
         if reply.step > 0 and reply.accuracies and (
                 not self._steps or self._steps[-1].step != reply.step):
             self._steps.append(reply)
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
 
     def figures(self) -> TrainerFigures:
         if not self._steps or self._last is None:
