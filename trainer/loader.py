@@ -158,6 +158,12 @@ class CoordinatorSteps:
             if msg.end_of_data:
                 self._ready.put(_End(msg.step, msg.dropped_samples))
                 return msg.step, True
+            if len(msg.refs) != self.geometry.per_rank:
+                raise RuntimeError(
+                    f"step {msg.step}: the coordinator delivered {len(msg.refs)} of "
+                    f"{self.geometry.per_rank} samples for rank {self.rank}; the others went "
+                    "DEAD after repeated losses (see `draftflow status`). Raise "
+                    "lease.max_deliveries or fix the feature store, then restart the trainer")
             slot = self._free.get()
             if slot < 0 or self._stop.is_set():
                 return msg.step, True

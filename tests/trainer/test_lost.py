@@ -4,6 +4,7 @@ step; meanwhile TrainerService answers status and takes a checkpoint on request.
 from __future__ import annotations
 
 import threading
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def test_lost_sample_is_recaptured_and_trained_in_its_step(
 
         runner = make_runner(coordinator, "lost", store_url(master, "lost", buffer_mb=16),
                              tmp_path / "out", export=False)
-        server = TrainerServer(runner, ServerConfig(listen="127.0.0.1:0"))
+        server = TrainerServer(runner, ServerConfig(listen="127.0.0.1:0"), metrics_port=0)
         result: dict[str, object] = {}
         training = threading.Thread(target=lambda: result.setdefault("step", runner.run()))
         training.start()
@@ -69,6 +70,10 @@ def test_lost_sample_is_recaptured_and_trained_in_its_step(
         assert (st.run_id, st.step, st.world_size, st.device) == ("lost", 2, 1, "cpu")
         assert len(st.accuracies) == 3 and st.loss > 0 and st.simulated_acceptance_length >= 1
         assert 0 <= st.data_wait_fraction <= 1 and st.samples_per_second > 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as r:
+            scraped = r.read().decode()
+        assert 'draftflow_trainer_step{run_id="lost"} 2.0' in scraped
+        assert 'draftflow_trainer_accuracy{position="0",run_id="lost"}' in scraped
         pool = ThreadPoolExecutor(1)
         saved = pool.submit(trainer_stub.SaveCheckpoint, trainer_pb2.SaveCheckpointRequest(),
                             timeout=120)

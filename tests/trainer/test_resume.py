@@ -128,3 +128,31 @@ def test_killed_trainer_resumes_with_exactly_once_effect(
     for name, value in exported.items():
         want = resumed[name]
         assert torch.equal(value, want.to(value.dtype) if want.is_floating_point() else want), name
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_stops(
+        tiny, coordinator, stub, master, tmp_path: Path) -> None:
+    run, features = create_run(stub, tiny, 5 * PER_STEP, "term", checkpoint_every=100)
+    writer = open_store(store_url(master, "term", segment_mb=64, buffer_mb=16))
+    feeder = Feeder(stub, writer, run, features)
+    proc = None
+    try:
+        feeder.feed(2 * PER_STEP)
+        proc = _trainer(coordinator, "term", store_url(master, "term", buffer_mb=16),
+                        tmp_path / "out")
+        wait_for(lambda: status(stub, "term").last_committed_step == 2 or proc.poll() is not None,
+                 120, "step 2 to be committed")
+        proc.send_signal(signal.SIGTERM)  # honoured after the next step: that one must come
+        feeder.feed(PER_STEP)
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, output
+        assert "trainer stopped: step 3" in output
+    finally:
+        feeder.stop()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        writer.close()
+    st = status(stub, "term")
+    assert (st.last_committed_step, st.last_checkpoint_step) == (3, 3)
+    assert not (tmp_path / "out" / "final").exists()  # stopped early: no export
