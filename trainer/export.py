@@ -7,11 +7,17 @@ import shutil
 import uuid
 from pathlib import Path
 
+from torch import nn
+
 from trainer.loop import Trainer
 
 
-def export_draft(trainer: Trainer, out_dir: str | Path, overwrite: bool = False) -> list[str]:
+def export_draft(trainer: Trainer, out_dir: str | Path, overwrite: bool = False,
+                 model: nn.Module | None = None) -> list[str]:
     """Write the strategy's servable files for ``trainer``'s model into ``out_dir``.
+
+    ``model`` replaces ``trainer.model`` as the source of weights (an unsharded copy of an
+    FSDP-sharded draft).
 
     Returns the tensor names written. An existing ``out_dir`` is refused unless ``overwrite``,
     in which case it is replaced only once the new export is complete.
@@ -23,7 +29,8 @@ def export_draft(trainer: Trainer, out_dir: str | Path, overwrite: bool = False)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        names = trainer.strategy.export(trainer.model, tmp, trainer.settings)
+        names = trainer.strategy.export(model if model is not None else trainer.model, tmp,
+                                        trainer.settings)
         for f in tmp.iterdir():
             fd = os.open(f, os.O_RDONLY)
             try:

@@ -107,6 +107,11 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return tensor
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is sharded by FSDP (its full weights exist only after a gather)."""
+    return _is_fsdp(model)
+
+
 def _is_fsdp(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 

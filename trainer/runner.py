@@ -33,7 +33,14 @@ from trainer.config import TrainerConfig
 from trainer.export import export_draft
 from trainer.loader import CoordinatorSteps
 from trainer.loop import Trainer, build_trainer
-from trainer.parallel import DistContext, Mode, all_reduce_sum, init_distributed
+from trainer.parallel import (
+    DistContext,
+    Mode,
+    all_reduce_sum,
+    full_state,
+    init_distributed,
+    is_sharded,
+)
 from trainer.session import CoordinatorSession, aux_layer_ids, local_fingerprint
 
 log = logging.getLogger(__name__)
@@ -264,11 +271,8 @@ class CoordinatorRunner:
             if self.trainer.step > self.status.last_checkpoint_step:
                 self._checkpoint()
             self._committer.flush()
-            if self.cfg.export and not self.stopped and self.dist.rank == 0:
-                names = export_draft(self.trainer, self.cfg.out_dir / "final", overwrite=True)
-                log.info("draft exported", extra=event(
-                    "export", run_id=self.cfg.run_id, step=self.trainer.step,
-                    path=str(self.cfg.out_dir / "final"), tensors=len(names)))
+            if self.cfg.export and not self.stopped:
+                self._export()
         finally:
             self._committer.close()
             self.source.close()
@@ -278,6 +282,22 @@ class CoordinatorRunner:
             "trainer_done", run_id=self.cfg.run_id, step=self.trainer.step,
             end_of_data=self.source.end_step is not None, dropped=self.source.dropped))
         return self.trainer.step
+
+    def _export(self) -> None:
+        """Export the draft to OUT/final on rank 0 (every rank joins the gather under FSDP)."""
+        model = None
+        if is_sharded(self.trainer.model):
+            full, _ = full_state(self.trainer.model, self.trainer.optimizer)
+            if self.dist.rank == 0:
+                model = self.trainer.strategy.build_model(self.trainer.settings)
+                model.load_state_dict(full)
+        if self.dist.rank != 0:
+            return
+        out = self.cfg.out_dir / "final"
+        names = export_draft(self.trainer, out, overwrite=True, model=model)
+        log.info("draft exported", extra=event(
+            "export", run_id=self.cfg.run_id, step=self.trainer.step, path=str(out),
+            tensors=len(names)))
 
     def _on_step(self, step: int, metrics: dict[str, float]) -> None:
         # Agreement: every rank has applied this step before rank 0 commits it. The same
