@@ -3,6 +3,8 @@ and a trainer whose node does not match the run is refused."""
 
 from __future__ import annotations
 
+import logging
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from tests.trainer.coordinated import (
     status,
     step_losses,
     store_url,
+    wait_for,
 )
 from trainer.config import TrainerConfig
 from trainer.loop import build_trainer
@@ -74,3 +77,40 @@ def test_a_node_whose_fingerprint_differs_is_refused(tiny, coordinator, stub,
     run, _ = create_run(stub, tiny, 4, "fp")
     with pytest.raises(RegistrationRefused, match=f"run has {run.fingerprint}"):
         make_runner(coordinator, "fp", "memory://fp", tmp_path / "out", revision="other-weights")
+
+
+def test_stream_reconnects_across_a_coordinator_restart(
+        tiny, coordinator, stub, master, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from coordinator.server import CoordinatorConfig, CoordinatorProcess
+    from services.rpc.server import ServerConfig
+
+    run, features = create_run(stub, tiny, 8, "restart", micro_batch=2, checkpoint_every=100)
+    writer = open_store(store_url(master, "restart", segment_mb=64, buffer_mb=16))
+    feeder = Feeder(stub, writer, run, features)
+    runner = make_runner(coordinator, "restart", store_url(master, "restart", buffer_mb=16),
+                         tmp_path / "out", export=False)
+    caplog.set_level(logging.WARNING, logger="trainer.session")
+    result: dict[str, int] = {}
+    training = threading.Thread(target=lambda: result.setdefault("step", runner.run()))
+    second = None
+    try:
+        feeder.feed(4)
+        training.start()
+        wait_for(lambda: status(stub, "restart").last_committed_step == 2, 60, "step 2")
+        # The trainer now waits in StreamSteps for step 3; the coordinator goes away under it.
+        coordinator.stop(grace=0)
+        second = CoordinatorProcess(CoordinatorConfig(
+            db_url=coordinator.cfg.db_url, reap_seconds=0.2,
+            server=ServerConfig(listen=f"127.0.0.1:{coordinator.port}")))
+        feeder.feed(4)
+        training.join(timeout=120)
+        assert result.get("step") == 4
+    finally:
+        feeder.stop()
+        runner.close()
+        writer.close()
+        if second is not None:
+            second.stop(grace=0.5)
+    assert [s for s, _ in runner.losses] == [1, 2, 3, 4]
+    assert any(getattr(r, "action", None) == "stream_reconnect" for r in caplog.records)
