@@ -28,7 +28,7 @@ Several nodes:
   draftflow coordinator --listen 0.0.0.0:50051 --db postgresql+psycopg://...
   draftflow run create examples/tiny.yaml --coordinator HOST:50051
   draftflow producer --coordinator HOST:50051 --run RUN --engine hf
-  torchrun --nproc-per-node 8 -m draftflow trainer --coordinator HOST:50051 --run RUN
+  torchrun --nproc-per-node 8 -m draftflow trainer --coordinator HOST:50051 --run-id RUN
 Every flag also reads an environment variable (shown in each command's --help).
 """
 

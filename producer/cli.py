@@ -8,6 +8,8 @@ import signal
 import socket
 import threading
 
+from services.cliflags import add_service_flags, add_worker_flags, env
+
 EPILOG = """\
 What it does:
   registers with the coordinator (the run's fingerprint must match this node's tokenizer and
@@ -27,10 +29,6 @@ Examples:
 """
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(name, default)
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``producer`` subcommand."""
     p = sub.add_parser(
@@ -41,16 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--coordinator", required=_env("DRAFTFLOW_COORDINATOR") is None,
-                   default=_env("DRAFTFLOW_COORDINATOR"),
-                   help="coordinator HOST:PORT [$DRAFTFLOW_COORDINATOR]")
-    p.add_argument("--run", required=_env("DRAFTFLOW_RUN") is None, default=_env("DRAFTFLOW_RUN"),
-                   help="run id, as given to `draftflow run create` [$DRAFTFLOW_RUN]")
-    p.add_argument("--store", default=_env("DRAFTFLOW_STORE", "mooncake://127.0.0.1:50061"),
-                   help="feature store URL: mooncake://MASTER:PORT?local=THIS_NODE_IP&"
-                   "segment_mb=N (see docs/feature-store.md) or memory://NAME for one process "
-                   "[$DRAFTFLOW_STORE, default mooncake://127.0.0.1:50061]")
-    p.add_argument("--engine", default=_env("DRAFTFLOW_ENGINE", "hf"),
+    add_worker_flags(p)
+    p.add_argument("--engine", default=env("DRAFTFLOW_ENGINE", "hf"),
                    help="capture engine: hf (transformers, CPU or GPU) or sglang (stock SGLang "
                    "with the draftflow plugin; see docs/sglang.md) [$DRAFTFLOW_ENGINE, default hf]")
     p.add_argument("--sglang-url", action="append", default=None,
@@ -58,38 +48,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "None: start SGLang in this process [$DRAFTFLOW_SGLANG_URLS, comma separated]")
     p.add_argument("--sglang-max-in-flight", type=int, default=16,
                    help="sglang over HTTP: most requests outstanding per server (default 16)")
-    p.add_argument("--model-path", default=_env("DRAFTFLOW_MODEL_PATH"),
+    p.add_argument("--model-path", default=env("DRAFTFLOW_MODEL_PATH"),
                    help="target model directory on this node (default: the run's "
                    "target.model_path) [$DRAFTFLOW_MODEL_PATH]")
-    p.add_argument("--device", default=_env("DRAFTFLOW_DEVICE", "auto"),
+    p.add_argument("--device", default=env("DRAFTFLOW_DEVICE", "auto"),
                    help="auto (CUDA when available), cpu, cuda or cuda:N [$DRAFTFLOW_DEVICE]")
-    p.add_argument("--dtype", default=_env("DRAFTFLOW_DTYPE", "auto"),
+    p.add_argument("--dtype", default=env("DRAFTFLOW_DTYPE", "auto"),
                    choices=("auto", "bfloat16", "float16", "float32"),
                    help="model dtype; auto is bfloat16 on GPU, float32 on CPU [$DRAFTFLOW_DTYPE]")
-    p.add_argument("--revision", default=_env("DRAFTFLOW_REVISION"),
-                   help="label of this node's target weights; must equal the run's "
-                   "target.revision (default: trust the run) [$DRAFTFLOW_REVISION]")
-    p.add_argument("--lease-batch", type=int, default=int(_env("DRAFTFLOW_LEASE_BATCH", "8") or 8),
+    p.add_argument("--lease-batch", type=int, default=int(env("DRAFTFLOW_LEASE_BATCH", "8") or 8),
                    help="prompts leased and captured together (default 8)")
     p.add_argument("--token-budget", type=int,
-                   default=int(_env("DRAFTFLOW_TOKEN_BUDGET", "8192") or 8192),
+                   default=int(env("DRAFTFLOW_TOKEN_BUDGET", "8192") or 8192),
                    help="most padded tokens in one forward pass (default 8192)")
-    p.add_argument("--listen", default=_env("DRAFTFLOW_PRODUCER_LISTEN", "127.0.0.1:50052"),
-                   help="HOST:PORT of ProducerService [$DRAFTFLOW_PRODUCER_LISTEN, "
-                   "default 127.0.0.1:50052; port 0 picks a free one]")
-    p.add_argument("--token", default=_env("DRAFTFLOW_TOKEN"),
-                   help="bearer token, sent to the coordinator and required by this "
-                   "producer's own service [$DRAFTFLOW_TOKEN]")
-    p.add_argument("--insecure", action="store_true",
-                   help="serve beyond loopback without a token (private networks only)")
-    p.add_argument("--tls-ca", default=_env("DRAFTFLOW_TLS_CA"),
-                   help="PEM CA of a coordinator that serves TLS [$DRAFTFLOW_TLS_CA]")
-    p.add_argument("--metrics-port", type=int,
-                   default=int(_env("DRAFTFLOW_METRICS_PORT", "9102") or 9102),
-                   help="Prometheus /metrics port, -1 to disable [$DRAFTFLOW_METRICS_PORT, "
-                   "default 9102]")
-    p.add_argument("--metrics-addr", default=_env("DRAFTFLOW_METRICS_ADDR", "127.0.0.1"),
-                   help="address for /metrics [$DRAFTFLOW_METRICS_ADDR, default 127.0.0.1]")
+    add_service_flags(p, role="producer", port=50052, metrics_port=9102)
     p.set_defaults(func=_serve)
 
 
@@ -106,7 +78,7 @@ def _serve(args: argparse.Namespace) -> int:
         coordinator=args.coordinator, run_id=args.run, store_url=args.store, engine=args.engine,
         model_path=args.model_path, device=args.device, dtype=args.dtype,
         token_budget=args.token_budget,
-        sglang_urls=tuple(args.sglang_url or filter(None, (_env("DRAFTFLOW_SGLANG_URLS") or "")
+        sglang_urls=tuple(args.sglang_url or filter(None, (env("DRAFTFLOW_SGLANG_URLS") or "")
                                                     .split(","))),
         sglang_max_in_flight=args.sglang_max_in_flight,
         worker=WorkerConfig(run_id=args.run, identity=identity, lease_batch=args.lease_batch,

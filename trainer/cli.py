@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import os
+
+from services.cliflags import add_service_flags, add_worker_flags, env
 
 EPILOG = """\
 What it does:
@@ -34,10 +35,6 @@ Examples:
 """
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(name, default)
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``trainer`` subcommand."""
     p = sub.add_parser(
@@ -48,54 +45,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--coordinator", required=_env("DRAFTFLOW_COORDINATOR") is None,
-                   default=_env("DRAFTFLOW_COORDINATOR"),
-                   help="coordinator HOST:PORT [$DRAFTFLOW_COORDINATOR]")
-    p.add_argument("--run", "--run-id", dest="run", required=_env("DRAFTFLOW_RUN") is None,
-                   default=_env("DRAFTFLOW_RUN"),
-                   help="run id, as given to `draftflow run create`; under torchrun spell it "
-                   "--run-id (torchrun takes --run for its own --run-path) [$DRAFTFLOW_RUN]")
-    p.add_argument("--store", default=_env("DRAFTFLOW_STORE", "mooncake://127.0.0.1:50061"),
-                   help="feature store URL: mooncake://MASTER:PORT?local=THIS_NODE_IP (see "
-                   "docs/feature-store.md) or memory://NAME in one process [$DRAFTFLOW_STORE, "
-                   "default mooncake://127.0.0.1:50061]")
-    p.add_argument("--out", required=_env("DRAFTFLOW_OUT") is None, default=_env("DRAFTFLOW_OUT"),
+    add_worker_flags(p, run_aliases=("--run-id",),
+                     run_help="; under torchrun spell it --run-id (torchrun takes --run for its "
+                     "own --run-path)")
+    p.add_argument("--out", required=env("DRAFTFLOW_OUT") is None, default=env("DRAFTFLOW_OUT"),
                    help="output directory: OUT/checkpoints and OUT/final; shared by all ranks "
                    "and kept across restarts [$DRAFTFLOW_OUT]")
-    p.add_argument("--model-path", default=_env("DRAFTFLOW_MODEL_PATH"),
+    p.add_argument("--model-path", default=env("DRAFTFLOW_MODEL_PATH"),
                    help="target model directory on this node; only its embedding, lm_head and "
                    "tokenizer are read (default: the run's target.model_path) "
                    "[$DRAFTFLOW_MODEL_PATH]")
-    p.add_argument("--revision", default=_env("DRAFTFLOW_REVISION"),
-                   help="label of this node's target weights; must equal the run's "
-                   "target.revision (default: trust the run) [$DRAFTFLOW_REVISION]")
-    p.add_argument("--device", default=_env("DRAFTFLOW_DEVICE"),
+    p.add_argument("--device", default=env("DRAFTFLOW_DEVICE"),
                    help="cpu, cuda or cuda:N (default: this rank's GPU if any, else cpu) "
                    "[$DRAFTFLOW_DEVICE]")
-    p.add_argument("--parallel", default=_env("DRAFTFLOW_PARALLEL", "ddp"),
+    p.add_argument("--parallel", default=env("DRAFTFLOW_PARALLEL", "ddp"),
                    choices=("ddp", "fsdp", "none"),
                    help="data parallelism over ranks (default ddp) [$DRAFTFLOW_PARALLEL]")
-    p.add_argument("--prefetch", type=int, default=int(_env("DRAFTFLOW_PREFETCH", "2") or 2),
+    p.add_argument("--prefetch", type=int, default=int(env("DRAFTFLOW_PREFETCH", "2") or 2),
                    help="steps read ahead of the one being trained (default 2) "
                    "[$DRAFTFLOW_PREFETCH]")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this step (checkpoint and export) even if data remains")
-    p.add_argument("--listen", default=_env("DRAFTFLOW_TRAINER_LISTEN", "127.0.0.1:50053"),
-                   help="HOST:PORT of TrainerService on rank 0 [$DRAFTFLOW_TRAINER_LISTEN, "
-                   "default 127.0.0.1:50053; port 0 picks a free one]")
-    p.add_argument("--token", default=_env("DRAFTFLOW_TOKEN"),
-                   help="bearer token, sent to the coordinator and required by this "
-                   "trainer's own service [$DRAFTFLOW_TOKEN]")
-    p.add_argument("--insecure", action="store_true",
-                   help="serve beyond loopback without a token (private networks only)")
-    p.add_argument("--tls-ca", default=_env("DRAFTFLOW_TLS_CA"),
-                   help="PEM CA of a coordinator that serves TLS [$DRAFTFLOW_TLS_CA]")
-    p.add_argument("--metrics-port", type=int,
-                   default=int(_env("DRAFTFLOW_METRICS_PORT", "9103") or 9103),
-                   help="Prometheus /metrics port on rank 0, -1 to disable "
-                   "[$DRAFTFLOW_METRICS_PORT, default 9103]")
-    p.add_argument("--metrics-addr", default=_env("DRAFTFLOW_METRICS_ADDR", "127.0.0.1"),
-                   help="address for /metrics [$DRAFTFLOW_METRICS_ADDR, default 127.0.0.1]")
+    add_service_flags(p, role="trainer", port=50053, metrics_port=9103)
     p.set_defaults(func=_train)
 
 
