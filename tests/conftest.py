@@ -100,3 +100,26 @@ def tiny_target(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
 
     return build_tiny_target(tmp_path_factory.mktemp("target") / "tiny", num_layers=8,
                              hidden_size=64)
+
+
+@pytest.fixture
+def coordinator(sqlite_url: str):  # type: ignore[no-untyped-def]
+    """A real coordinator on a SQLite file, serving on a free loopback port."""
+    from coordinator.server import CoordinatorConfig, CoordinatorProcess
+    from services.rpc.server import ServerConfig
+
+    proc = CoordinatorProcess(CoordinatorConfig(
+        db_url=sqlite_url, server=ServerConfig(listen="127.0.0.1:0"), reap_seconds=0.1))
+    yield proc
+    proc.stop(grace=0.5)
+
+
+@pytest.fixture
+def stub(coordinator):  # type: ignore[no-untyped-def]
+    """A CoordinatorService client of the ``coordinator`` fixture."""
+    from services.api import coordinator_pb2_grpc
+    from services.rpc.client import open_channel
+
+    channel = open_channel(f"127.0.0.1:{coordinator.port}")
+    yield coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+    channel.close()

@@ -89,15 +89,16 @@ def test_errors_map_to_status_codes_with_messages(
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def test_oversized_message_is_rejected(server: CoordinatorProcess) -> None:
-    ch = grpc.insecure_channel(f"127.0.0.1:{server.port}",
+def test_oversized_message_is_rejected(coordinator: CoordinatorProcess) -> None:
+    ch = grpc.insecure_channel(f"127.0.0.1:{coordinator.port}",
                                options=[("grpc.max_send_message_length", 200 * 2**20)])
     stub = coordinator_pb2_grpc.CoordinatorServiceStub(ch)
     with pytest.raises(grpc.RpcError) as err:
         stub.CreateRun(cpb.CreateRunRequest(run_id="big", dataset_lines=["x" * (65 * 2**20)]))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     ch.close()
-    stub2 = coordinator_pb2_grpc.CoordinatorServiceStub(open_channel(f"127.0.0.1:{server.port}"))
+    target = f"127.0.0.1:{coordinator.port}"
+    stub2 = coordinator_pb2_grpc.CoordinatorServiceStub(open_channel(target))
     assert stub2.ListRuns(cpb.ListRunsRequest()).runs == []
 
 
@@ -192,8 +193,9 @@ def _grpcurl(*args: str) -> str:
 
 
 def test_grpcurl_lists_services_and_reads_status(
-        server: CoordinatorProcess, stub: coordinator_pb2_grpc.CoordinatorServiceStub) -> None:
-    target = f"127.0.0.1:{server.port}"
+        coordinator: CoordinatorProcess, stub: coordinator_pb2_grpc.CoordinatorServiceStub
+) -> None:
+    target = f"127.0.0.1:{coordinator.port}"
     services = _grpcurl(target, "list").split()
     assert "draftflow.v1.CoordinatorService" in services
     assert "grpc.health.v1.Health" in services

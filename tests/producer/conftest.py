@@ -27,29 +27,6 @@ def llama_tokenizer(llama_dir: Path):
     return AutoTokenizer.from_pretrained(llama_dir)
 
 
-@pytest.fixture
-def coordinator(tmp_path: Path):  # -> Iterator[CoordinatorProcess]
-    """A real coordinator on SQLite, on a free port."""
-    from coordinator.server import CoordinatorConfig, CoordinatorProcess
-    from services.rpc.server import ServerConfig
-
-    proc = CoordinatorProcess(CoordinatorConfig(
-        db_url=f"sqlite:///{tmp_path / 'c.db'}", server=ServerConfig(listen="127.0.0.1:0"),
-        reap_seconds=0.1))
-    yield proc
-    proc.stop(grace=0.5)
-
-
-@pytest.fixture
-def stub(coordinator):  # -> Iterator[CoordinatorServiceStub]
-    from services.api import coordinator_pb2_grpc
-    from services.rpc.client import open_channel
-
-    channel = open_channel(f"127.0.0.1:{coordinator.port}")
-    yield coordinator_pb2_grpc.CoordinatorServiceStub(channel)
-    channel.close()
-
-
 @pytest.fixture(scope="module")
 def engine(llama_dir: Path):  # -> HFEngine on CPU, shared by a module's tests
     from producer.engines import EngineConfig, create_engine

@@ -73,29 +73,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinySetup:
 # --- a real coordinator and Mooncake master for coordinator-driven trainer tests ------------
 
 
-@pytest.fixture
-def coordinator(tmp_path: Path):  # -> Iterator[CoordinatorProcess]
-    """A real coordinator on SQLite, on a free port."""
-    from coordinator.server import CoordinatorConfig, CoordinatorProcess
-    from services.rpc.server import ServerConfig
-
-    proc = CoordinatorProcess(CoordinatorConfig(
-        db_url=f"sqlite:///{tmp_path / 'c.db'}", server=ServerConfig(listen="127.0.0.1:0"),
-        reap_seconds=0.2))
-    yield proc
-    proc.stop(grace=0.5)
-
-
-@pytest.fixture
-def stub(coordinator):  # -> Iterator[CoordinatorServiceStub]
-    from services.api import coordinator_pb2_grpc
-    from services.rpc.client import open_channel
-
-    channel = open_channel(f"127.0.0.1:{coordinator.port}")
-    yield coordinator_pb2_grpc.CoordinatorServiceStub(channel)
-    channel.close()
-
-
 @pytest.fixture(scope="module")
 def master(tmp_path_factory: pytest.TempPathFactory):  # -> Iterator[MasterHandle]
     """A real mooncake_master on free loopback ports, shared by a module's tests."""
