@@ -8,8 +8,10 @@ in reverse order. Running it again continues the same run from its database and 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,18 @@ def _wait_healthy(target: str, child: Child, timeout_s: float = 60.0) -> None:
     raise UpError(f"{child.name} did not become healthy at {target}; see {child.log_path}")
 
 
+def _thread_env(device: str, processes: int) -> dict[str, str]:
+    """Split this machine's cores among the CPU roles.
+
+    Each torch process otherwise starts one thread per core; a producer and a trainer on the
+    same cores then slow each other down several times over.
+    """
+    if device != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return {}
+    threads = str(max(1, (os.cpu_count() or 1) // max(processes, 1)))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
 def _prepare_target(config_path: Path, console: Console) -> Path:
     """The target's directory; the tiny target is built there when the default config names it."""
     from services.config import load_run_config
@@ -132,26 +146,32 @@ def run(opts: UpOptions) -> int:
         # The config's model path is relative to the config file; the roles run elsewhere.
         common = ["--coordinator", target, "--run", run_id, "--store", store_url,
                   "--metrics-port", "-1", "--model-path", str(model_path)]
-        for i in range(opts.producers):
-            stack.python(f"producer-{i}", ["draftflow", "--log-format", "json", "producer",
-                                           *common, "--listen", "127.0.0.1:0",
-                                           "--device", opts.device])
+
         world = run_obj.config.step.world_size
+        env = _thread_env(opts.device, opts.producers + world)
+
+        def start_producer(i: int = 0) -> Child:
+            return stack.python(f"producer-{i}", ["draftflow", "--log-format", "json",
+                                                  "producer", *common, "--listen",
+                                                  "127.0.0.1:0", "--device", opts.device], env)
+
+        for i in range(opts.producers):
+            start_producer(i)
         trainer_target = f"127.0.0.1:{free_port()}"
         trainer_args = ["draftflow", "--log-format", "json", "trainer", *common,
                         "--listen", trainer_target, "--out", str(out_dir),
                         "--device", opts.device]
         if world > 1:
-            # torchrun's parser reads `--run` as an ambiguous `--run-path`: pass it in the env.
-            i = trainer_args.index("--run")
-            del trainer_args[i:i + 2]
+            # torchrun's parser reads `--run` as an ambiguous `--run-path`.
+            trainer_args[trainer_args.index("--run")] = "--run-id"
             trainer = stack.python("trainer", ["torch.distributed.run", "--standalone",
                                                f"--nproc-per-node={world}", "-m", *trainer_args],
-                                   env={"DRAFTFLOW_RUN": run_id})
+                                   env)
         else:
-            trainer = stack.python("trainer", trainer_args)
+            trainer = stack.python("trainer", trainer_args, env)
         watch = TrainerWatch(trainer_target)
-        status = _follow(stub, run_id, stack, trainer, watch, console, opts.timeout_s, started)
+        status = _follow(stub, run_id, stack, trainer, watch, start_producer, console,
+                         opts.timeout_s, started)
         watch.close()
         code = stack.wait_exit(trainer, 120.0)
         if code != 0:
@@ -194,13 +214,19 @@ def _create_run(stub: Any, config: Path) -> cpb.Run:
         raise
 
 
+RESPAWN_EVERY_S = 5.0
+"""Least time between two producer restarts, so one that cannot start is not started in a loop."""
+
+
 def _follow(stub: Any, run_id: str, stack: Stack, trainer: Child, watch: TrainerWatch,
-            console: Console, timeout_s: float, started: float) -> cpb.RunStatus:
+            start_producer: Callable[[], Child], console: Console, timeout_s: float,
+            started: float) -> cpb.RunStatus:
     columns = (TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
         capture = progress.add_task("capture", total=None, rate="")
         train = progress.add_task("train", total=None, rate="")
+        respawned = float("-inf")
         while True:
             status = stub.GetRunStatus(cpb.GetRunStatusRequest(run_id=run_id)).status
             if trainer.alive():
@@ -221,6 +247,15 @@ def _follow(stub: Any, run_id: str, stack: Stack, trainer: Child, watch: Trainer
             if broken is not None:
                 raise UpError(f"{broken.name} exited with {broken.process.returncode}; last "
                               f"lines of {broken.log_path}:\n{broken.log_tail()}")
+            producing = any(c.alive() for c in stack.children if c.name.startswith("producer"))
+            if (status.prompts["PENDING"] and not producing
+                    and time.monotonic() - respawned > RESPAWN_EVERY_S):
+                # Producers stop once every prompt is captured; a later recapture (a lost
+                # tensor, a trainer rolled back past freed samples) needs one again.
+                progress.console.print(f"{status.prompts['PENDING']} prompts to capture again: "
+                                       "starting a producer")
+                start_producer()
+                respawned = time.monotonic()
             if not trainer.alive() and status.state != cpb.RUN_STATE_COMPLETED:
                 raise UpError(f"the trainer stopped before the run completed:\n"
                               f"{trainer.log_tail()}")

@@ -296,17 +296,14 @@ class Cluster:
         args = ["trainer", *self._role_args(self.trainer_node), "--device", "cpu",
                 "--store", self.store_url(self.trainer_node), "--out", str(self.out_dir),
                 "--listen", self.trainer_listen]
-        env = {}
         if world > 1:
-            # torchrun's own parser takes `--run` for an ambiguous `--run-path`: use the env.
-            i = args.index("--run")
-            env["DRAFTFLOW_RUN"] = args.pop(i + 1)
-            args.pop(i)
+            # torchrun's own parser takes `--run` for an ambiguous `--run-path`.
+            args[args.index("--run")] = "--run-id"
             argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                     f"--nproc-per-node={world}", "-m", "draftflow", "--log-format", "json", *args]
         else:
             argv = draftflow_argv(*args)
-        proc = spawn(name, argv, self.trainer_node, self.log_dir, env)
+        proc = spawn(name, argv, self.trainer_node, self.log_dir)
         self.procs["trainer"] = proc
         return proc
 
