@@ -3,6 +3,8 @@
 #
 #   bash bench/gpu_smoke.sh                  run it (any working directory; results in $OUT)
 #   bash bench/gpu_smoke.sh --fetch-wheels   on a machine WITH network, before: fill .wheels/
+#   DEVICE=cpu bash bench/gpu_smoke.sh --no-install
+#                                            rehearse it on a machine set up for development
 #
 # What it runs, each step under its own time limit:
 #   1. installs what the machine lacks from the repository's .wheels/ folder (git-ignored, filled
@@ -49,6 +51,9 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
   exit 0
 fi
 
+INSTALL=1
+[[ "${1:-}" == "--no-install" ]] && INSTALL=0
+DEVICE="${DEVICE:-cuda}"
 OUT="${OUT:-$ROOT/.gpu-smoke}"
 mkdir -p "$OUT"
 SITE="${TMPDIR:-/tmp}/draftflow-gpu-site"
@@ -62,27 +67,42 @@ step "environment" | tee "$OUT/env.txt"
 "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'
 } 2>&1 | tee -a "$OUT/env.txt"
-"$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device")'
-
-step "installing from .wheels/ into $SITE"
-if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-  echo "no wheels in $WHEELS: run 'bash bench/gpu_smoke.sh --fetch-wheels' where there is network"
-  exit 2
+if [[ "$DEVICE" == cuda* ]]; then
+  "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device")'
 fi
-rm -rf "$SITE"
-# --no-deps: exactly the fetched set; the machine's own torch and transformers stay in charge.
-timeout 120 "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" "$WHEELS"/*.whl
-export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+if [[ $INSTALL -eq 1 ]]; then
+  step "installing from .wheels/ into $SITE"
+  if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    echo "no wheels in $WHEELS: run 'bash bench/gpu_smoke.sh --fetch-wheels' where there is" \
+      "network"
+    exit 2
+  fi
+  rm -rf "$SITE"
+  # --no-deps: exactly the fetched set; the machine's own torch and transformers stay in charge.
+  timeout 120 "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" "$WHEELS"/*.whl
+  export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+  # Mooncake links a few system libraries (libibverbs, libnuma, libcurl) that images usually
+  # have; name any that are missing rather than fail later with an import error.
+  if missing=$(ldd "$SITE"/mooncake/store.so | grep "not found"); then
+    echo "Mooncake needs system libraries this machine lacks:"
+    echo "$missing"
+    echo "install them (Debian/Ubuntu: libibverbs1 libnuma1 libcurl4) and run again"
+    exit 3
+  fi
+else
+  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+fi
 "$PY" -c 'import sqlalchemy, alembic, pydantic, grpc, grpc_health.v1, grpc_reflection.v1alpha
 from mooncake.store import MooncakeDistributedStore
 from services.store.mooncake_proc import master_binary
 print("imports ok; grpc", grpc.__version__, "sqlalchemy", sqlalchemy.__version__,
       "mooncake_master", master_binary())' | tee -a "$OUT/env.txt"
 
-step "draftflow up --device cuda (tiny target in bfloat16, trainer on the GPU)"
+step "draftflow up --device $DEVICE (on CUDA: tiny target in bfloat16, trainer on the GPU)"
 WORK="$OUT/up"
 set +e
-timeout 240 "$PY" -m draftflow up --device cuda --workdir "$WORK" --fresh --timeout 220 \
+timeout 240 "$PY" -m draftflow up --device "$DEVICE" --workdir "$WORK" --fresh --timeout 220 \
   2>&1 | tee "$OUT/up.txt"
 UP=${PIPESTATUS[0]}
 set -e
@@ -92,10 +112,10 @@ if [[ $UP -ne 0 ]]; then
   echo "draftflow up failed with status $UP; see $OUT/logs"
   exit 1
 fi
-"$PY" - "$WORK" <<'EOF'
+"$PY" - "$WORK" "$DEVICE" <<'EOF'
 import json, sys
 from pathlib import Path
-work = Path(sys.argv[1])
+work, device = Path(sys.argv[1]), sys.argv[2]
 (run,) = (work / "runs").iterdir()
 summary = json.loads((run / "summary.json").read_text())
 final = run / "final"
@@ -103,13 +123,13 @@ assert (final / "config.json").is_file() and any(final.glob("*.safetensors")), f
 assert summary["samples"].get("LOST", 0) == 0 and summary["samples"].get("DEAD", 0) == 0
 acc = summary["trainer"]["accuracies"]
 assert acc and acc[0] > 5 * summary["chance_accuracy"], summary
-assert summary["trainer"]["device"].startswith("cuda"), summary["trainer"]
+assert summary["trainer"]["device"].startswith(device), summary["trainer"]
 print(f"ok: {summary['steps']} steps, top-1 {acc}, chance {summary['chance_accuracy']:.4f}, "
       f"trainer {summary['trainer']['samples_per_second']:.1f} samples/s on "
       f"{summary['trainer']['device']}, {summary['seconds']:.0f} s")
 EOF
 
-step "bench/bench_e2e.py --device cuda"
-timeout 240 "$PY" bench/bench_e2e.py --device cuda 2>&1 | tee "$OUT/bench_e2e.txt"
+step "bench/bench_e2e.py --device $DEVICE"
+timeout 240 "$PY" bench/bench_e2e.py --device "$DEVICE" 2>&1 | tee "$OUT/bench_e2e.txt"
 
 step "done in $((SECONDS - START)) s; results in $OUT"
