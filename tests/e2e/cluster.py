@@ -94,7 +94,9 @@ def write_run_config(directory: Path, target: Path, spec: RunSpec) -> Path:
         "draft": {"draft_vocab_size": 128, "ttt_length": 2},
         "step": {"world_size": g.world, "micro_batch": g.micro, "accumulation": g.accum},
         "training": {"learning_rate": 1e-3, "checkpoint_every": spec.checkpoint_every},
-        "lease": {"lease_seconds": 6, "heartbeat_seconds": 1, "heartbeat_misses": 4},
+        # Leases of a killed producer come back after 6 s; sessions outlive a coordinator
+        # restart of a few seconds (10 missed heartbeats), as they would in production.
+        "lease": {"lease_seconds": 6, "heartbeat_seconds": 1, "heartbeat_misses": 10},
         "watermark": {"high_samples": spec.high_samples, "low_samples": spec.low_samples,
                       "retry_after_seconds": 0.2},
     }
@@ -126,14 +128,6 @@ class Proc:
                 os.kill(pid, signal.SIGKILL)
         self.process.wait()
 
-    def stop(self, timeout_s: float = 15.0) -> None:
-        if self.alive():
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -162,8 +156,8 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def spawn(name: str, argv: Sequence[str], node: Node, log_dir: Path,
-          env: dict[str, str] | None = None) -> Proc:
+def spawn(name: str, argv: Sequence[str], node: Node, log_dir: Path) -> Proc:
+    """Start ``argv`` on ``node`` in a process group of its own, logging to ``log_dir``."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path, k = log_dir / f"{name}.log", 1
     while log_path.exists():  # a restarted role gets a log of its own
@@ -173,7 +167,7 @@ def spawn(name: str, argv: Sequence[str], node: Node, log_dir: Path,
     with open(log_path, "ab") as log:
         process = subprocess.Popen(full, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True,
-                                   env={**os.environ, **CHILD_ENV, **(env or {})})
+                                   env={**os.environ, **CHILD_ENV})
     return Proc(name, full, log_path, process)
 
 
@@ -212,7 +206,7 @@ class Cluster:
 
     # -- starting -----------------------------------------------------------------------------
 
-    def start(self, producers: int = 2) -> None:
+    def start(self, producers: int = 2, trainer: bool = True) -> None:
         """Everything, in order; returns once the run exists and every role was started."""
         self.start_master()
         if self.holder_mb:
@@ -223,7 +217,8 @@ class Cluster:
         for i in range(producers):
             self.start_producer(i)
         self.trainer_listen = f"{self.trainer_node.addr}:{self.trainer_node.port() or 50053}"
-        self.start_trainer()
+        if trainer:
+            self.start_trainer()
 
     def start_master(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -277,14 +272,14 @@ class Cluster:
             cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stdout + out.stderr
 
-    def _role_args(self, node: Node) -> list[str]:
+    def _role_args(self) -> list[str]:
         return ["--coordinator", self.coordinator_addr, "--run", self.spec.run_id,
                 "--model-path", str(self.target), "--metrics-port", "-1", *self.auth()]
 
     def start_producer(self, i: int) -> Proc:
         segment = 0 if self.holder_mb else self.producer_segment_mb
         argv = draftflow_argv(
-            "producer", *self._role_args(self.producer_node), "--device", "cpu",
+            "producer", *self._role_args(), "--device", "cpu",
             "--store", self.store_url(self.producer_node, segment), "--lease-batch", "2",
             "--listen", f"{self.producer_node.addr}:{self.producer_node.port() or 50052 + 10 * i}")
         proc = spawn(f"producer-{i}", argv, self.producer_node, self.log_dir)
@@ -293,7 +288,7 @@ class Cluster:
 
     def start_trainer(self, name: str = "trainer") -> Proc:
         world = self.spec.geometry.world
-        args = ["trainer", *self._role_args(self.trainer_node), "--device", "cpu",
+        args = ["trainer", *self._role_args(), "--device", "cpu",
                 "--store", self.store_url(self.trainer_node), "--out", str(self.out_dir),
                 "--listen", self.trainer_listen]
         if world > 1:

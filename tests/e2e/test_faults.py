@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from tests.e2e.accounting import check_accounting, step_composition
-from tests.e2e.cluster import Cluster, RunSpec
+from tests.e2e.cluster import Cluster, Geometry, RunSpec
 from tests.e2e.conftest import MakeCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -74,9 +74,33 @@ def test_trainer_killed_and_restarted(make_cluster: MakeCluster, pg_url: str) ->
 
 
 @pytest.mark.xfail(strict=True, reason=(
+    "the trainer group hangs: a CommitStep that fails while the coordinator is down (UNAVAILABLE "
+    "after the channel's retries) is kept by trainer/runner.py _Committer until the next submit, "
+    "but the training thread waits on the step stream, which gets no step past the last "
+    "committed one plus prefetch"))
+def test_coordinator_restarted_while_training(make_cluster: MakeCluster, pg_url: str) -> None:
+    # Capture everything first, then train: the restart meets the trainer group alone.
+    spec = RunSpec(prompts=40, geometry=Geometry(world=2, micro=1), checkpoint_every=4,
+                   high_samples=80, low_samples=40)
+    cluster = make_cluster(pg_url, spec, holder_mb=64)
+    cluster.start(producers=2, trainer=False)
+    for name in ("producer-0", "producer-1"):
+        assert cluster.procs[name].process.wait(timeout=120) == 0, cluster.tails()
+    cluster.start_trainer()
+    cluster.wait_step(2)
+    cluster.restart_coordinator()
+    before = step_composition(pg_url, spec.run_id)
+    status = cluster.wait_done(timeout_s=60)
+    check_accounting(pg_url, spec, status, cluster.out_dir)
+    after = step_composition(pg_url, spec.run_id)
+    assert {step: after[step] for step in before} == before
+
+
+@pytest.mark.xfail(strict=True, reason=(
     "producers exit when the coordinator is unreachable for longer than the channel's retry "
     "policy (5 attempts, about 1.5 s): producer/worker.py treats UNAVAILABLE from LeasePrompts "
-    "and CommitSamples as fatal, and a coordinator takes a few seconds to start again"))
+    "and CommitSamples as fatal, and a coordinator takes a few seconds to start again (the "
+    "trainer group then hangs too: see test_coordinator_restarted_while_training)"))
 def test_coordinator_restarted(make_cluster: MakeCluster, pg_url: str) -> None:
     cluster = started(make_cluster, pg_url)
     cluster.wait_step(3)

@@ -61,9 +61,9 @@ def three_nodes() -> Iterator[tuple[Node, Node, Node]]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
 
 
-def test_three_nodes_over_veth_links(make_cluster: MakeCluster,
-                                     three_nodes: tuple[Node, Node, Node],
-                                     tmp_path: Path) -> None:
+def test_three_nodes_over_veth_links(three_nodes: tuple[Node, Node, Node],
+                                     make_cluster: MakeCluster, tmp_path: Path) -> None:
+    # three_nodes first: set up before the cluster, so it is torn down after the processes.
     control, producer, trainer = three_nodes
     db_url = f"sqlite:///{tmp_path / 'coordinator.db'}"
     spec = RunSpec(prompts=24)
