@@ -6,6 +6,7 @@ summary, the acceptance figures and an exported draft.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -109,3 +110,39 @@ def test_up_interrupted_then_continued_to_an_exported_draft(tmp_path: Path,
     assert summary["trainer"]["steps_seen"] > 0
     assert summary["chance_accuracy"] == pytest.approx(1 / 128)
     assert len(summary["trainer"]["accuracies"]) == 2
+
+
+def test_up_killed_after_capture_then_run_again(tmp_path: Path, tiny_target: Path) -> None:
+    """A crash of the whole tree once everything is captured: the features in flight die with
+    Mooncake, so the next ``up`` must capture some prompts again after its producers found
+    nothing to do, and still finish with every sample trained once."""
+    config = write_config(tmp_path, tiny_target)
+    work = tmp_path / "work"
+    db = work / "coordinator.db"
+    first = up(config, work)
+    try:
+        def captured() -> bool:
+            if first.poll() is not None or committed_step(db) < 1:
+                return first.poll() is not None
+            with sqlite3.connect(db, timeout=1) as conn:
+                (pending,) = conn.execute(
+                    "SELECT COUNT(*) FROM samples WHERE prompt_state != 'CAPTURED'").fetchone()
+            return pending == 0
+        wait_for(captured, 180, "capture to finish")
+        assert first.poll() is None, first.communicate()[0]
+        for pid in [first.pid, *descendants(first.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert committed_step(db) < STEPS
+
+    second = up(config, work)
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, out
+    assert f"{PROMPTS * EPOCHS} trained, 0 dropped (end-of-data tail), 0 dead, 0 lost" in out
+    summary = json.loads((work / "runs" / "up-e2e" / "summary.json").read_text())
+    assert summary["steps"] == STEPS
