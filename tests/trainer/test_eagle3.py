@@ -64,3 +64,19 @@ def test_the_draft_learns_on_the_tiny_target(tiny) -> None:
     assert after["acc_0"] > before["acc_0"] + 0.05
     assert after["acceptance_length"] > before["acceptance_length"]
     assert set(after) >= {f"acc_{k}" for k in range(7)} | {f"loss_{k}" for k in range(7)}
+
+
+
+def test_bf16_features_feed_a_float32_draft(tiny) -> None:
+    """GPU producers write bf16 features; the float32 draft takes them as they come."""
+    trainer = make_trainer(tiny)
+    sample = tiny.train[0]
+    bf16 = {k: v.to(torch.bfloat16) if v.is_floating_point() and k != "loss_mask" else v
+            for k, v in sample.items()}
+    batch, batch16 = collate([sample]), collate([bf16])
+    assert batch16["aux_hidden_state"].dtype == torch.bfloat16
+    norm = trainer.strategy.normaliser(batch)
+    with torch.no_grad():
+        full = trainer.strategy.loss(trainer.model, trainer.head, batch, norm).loss
+        half = trainer.strategy.loss(trainer.model, trainer.head, batch16, norm).loss
+    torch.testing.assert_close(half, full, rtol=2e-2, atol=1e-3)

@@ -222,7 +222,8 @@ class Eagle3Draft(nn.Module):
         """
         b, t = input_ids.shape
         s = t - 1
-        hidden = self.fc(aux_hidden[:, :s])
+        # Features arrive in the capture's dtype (bf16 on GPU); the draft computes in its own.
+        hidden = self.fc(aux_hidden[:, :s].to(self.fc.weight.dtype))
         positions = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
         causal = torch.ones(s, s, dtype=torch.bool, device=input_ids.device).tril()
         # Draft position j exists iff token j+1 does; padded keys are never attended to.
