@@ -27,19 +27,21 @@ PROMPTS, EPOCHS, MICRO = 24, 2, 4
 STEPS = PROMPTS * EPOCHS // MICRO
 
 
-def write_config(tmp_path: Path, target: Path) -> Path:
+def write_config(tmp_path: Path, target: Path, high_samples: int = 8, ttt_length: int = 2
+                 ) -> Path:
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(DATASET.read_text().splitlines()[:PROMPTS]) + "\n")
     cfg = {
         "run_id": "up-e2e", "dataset": str(data), "epochs": EPOCHS,
         "target": {"model_path": str(target), "revision": "e2e"},
         "capture": {"max_length": 128},
-        "draft": {"draft_vocab_size": 128, "ttt_length": 2},
+        "draft": {"draft_vocab_size": 128, "ttt_length": ttt_length},
         "step": {"world_size": 1, "micro_batch": MICRO, "accumulation": 1},
         "training": {"learning_rate": 1e-3, "checkpoint_every": 2},
         "lease": {"lease_seconds": 10, "heartbeat_seconds": 1},
         # A low watermark keeps the run going long enough to be interrupted part-way.
-        "watermark": {"high_samples": 8, "low_samples": 4, "retry_after_seconds": 0.2},
+        "watermark": {"high_samples": high_samples, "low_samples": high_samples // 2,
+                      "retry_after_seconds": 0.2},
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -116,18 +118,22 @@ def test_up_killed_after_capture_then_run_again(tmp_path: Path, tiny_target: Pat
     """A crash of the whole tree once everything is captured: the features in flight die with
     Mooncake, so the next ``up`` must capture some prompts again after its producers found
     nothing to do, and still finish with every sample trained once."""
-    config = write_config(tmp_path, tiny_target)
+    # No watermark to speak of and a longer unroll to train: capture ends well before training.
+    config = write_config(tmp_path, tiny_target, high_samples=PROMPTS * EPOCHS, ttt_length=6)
     work = tmp_path / "work"
     db = work / "coordinator.db"
     first = up(config, work)
     try:
         def captured() -> bool:
-            if first.poll() is not None or committed_step(db) < 1:
+            if first.poll() is not None or not db.exists():
                 return first.poll() is not None
-            with sqlite3.connect(db, timeout=1) as conn:
-                (pending,) = conn.execute(
-                    "SELECT COUNT(*) FROM samples WHERE prompt_state != 'CAPTURED'").fetchone()
-            return pending == 0
+            try:
+                with sqlite3.connect(db, timeout=1) as conn:
+                    (done,) = conn.execute(
+                        "SELECT COUNT(*) FROM samples WHERE prompt_state = 'CAPTURED'").fetchone()
+            except sqlite3.Error:  # not created yet
+                return False
+            return done == PROMPTS * EPOCHS
         wait_for(captured, 180, "capture to finish")
         assert first.poll() is None, first.communicate()[0]
         for pid in [first.pid, *descendants(first.pid)]:
