@@ -76,6 +76,7 @@ def run_threads(n: int, fn: Callable[[int], None]) -> float:
             fn(i)
         except BaseException as exc:
             errors.append(exc)
+            print(f"client {i} failed: {exc!r}", file=sys.stderr, flush=True)
 
     threads = [threading.Thread(target=guarded, args=(i,), daemon=True) for i in range(n)]
     start = time.perf_counter()
@@ -155,6 +156,8 @@ def bench_case(target: str, clients: int, batch: int, seconds: float) -> dict[st
         s0.CommitSamples(cpb.CommitSamplesRequest(
             session_id=sid, samples=[h.commit(le, run_id) for le in leases]))
     delivered = [0] * clients
+    # As in a real trainer group, no step is committed before every rank has its first slice.
+    first = threading.Barrier(clients)
 
     def train(rank: int) -> None:
         s = stubs[rank]
@@ -162,6 +165,8 @@ def bench_case(target: str, clients: int, batch: int, seconds: float) -> dict[st
             run_id=run_id, role=common_pb2.WORKER_ROLE_TRAINER, fingerprint=fp)).session_id
         for msg in s.StreamSteps(cpb.StreamStepsRequest(session_id=tid, rank=rank,
                                                         from_step=1, prefetch=8)):
+            if msg.step == 1:
+                first.wait(timeout=60)
             if msg.end_of_data:
                 return
             delivered[rank] += len(msg.refs)

@@ -425,8 +425,9 @@ class Coordinator:
 
     # --------------------------------------------------------------- steps
 
-    def open_stream(self, session_id: str, rank: int, from_step: int) -> Session:
-        """Validate a StreamSteps request; roll back to a checkpoint when asked to resume."""
+    def open_stream(self, session_id: str, rank: int, from_step: int, resume: bool = False
+                    ) -> Session:
+        """Validate a StreamSteps request; roll back to the last checkpoint when resuming."""
         if from_step < 1:
             raise InvalidArgument(f"from_step: steps start at 1, got {from_step}")
         with self.engine.begin() as conn:
@@ -437,7 +438,7 @@ class Coordinator:
             run = self._run_row(conn, sess.run_id)
             last, ckpt = run.last_committed_step, run.last_checkpoint_step
             if from_step <= last:
-                if from_step != ckpt + 1:
+                if not resume or from_step != ckpt + 1:
                     raise FailedPrecondition(
                         f"from_step {from_step}: steps up to {last} are committed; resume from "
                         f"the last checkpoint (from_step={ckpt + 1}) or continue at {last + 1}")

@@ -77,7 +77,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     # Trainer side.
     def StreamSteps(self, request: cpb.StreamStepsRequest, context: grpc.ServicerContext
                     ) -> Iterator[cpb.StreamStepsResponse]:
-        sess = self.c.open_stream(request.session_id, request.rank, request.from_step)
+        sess = self.c.open_stream(request.session_id, request.rank, request.from_step,
+                                  request.resume)
         step = request.from_step
         prefetch = max(request.prefetch, 1)
         seen = self.c.changes.version

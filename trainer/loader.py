@@ -142,19 +142,20 @@ class CoordinatorSteps:
     # -- prefetch thread ----------------------------------------------------------------------
 
     def _run(self, from_step: int) -> None:
-        step = from_step
+        step, resume = from_step, True  # the first stream opens at the resume point
         try:
             while not self._stop.is_set():
-                step, done = self._follow(step)
+                step, done = self._follow(step, resume)
+                resume = False
                 if done:
                     return
         except BaseException as exc:  # handed to the training thread, which re-raises it
             if not self._stop.is_set():
                 self._ready.put(exc)
 
-    def _follow(self, step: int) -> tuple[int, bool]:
+    def _follow(self, step: int, resume: bool) -> tuple[int, bool]:
         """Read steps from one stream; return (step to reopen at, whether the stream ended)."""
-        for msg in self.session.stream(self.rank, step, self.prefetch, self._stop):
+        for msg in self.session.stream(self.rank, step, self.prefetch, self._stop, resume):
             if msg.end_of_data:
                 self._ready.put(_End(msg.step, msg.dropped_samples))
                 return msg.step, True

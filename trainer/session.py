@@ -118,15 +118,20 @@ class CoordinatorSession:
     # -- steps --------------------------------------------------------------------------------
 
     def stream(self, rank: int, from_step: int, prefetch: int,
-               stop: threading.Event | None = None) -> Iterator[cpb.StreamStepsResponse]:
+               stop: threading.Event | None = None, resume: bool = False,
+               ) -> Iterator[cpb.StreamStepsResponse]:
         """This rank's step slices from ``from_step`` on, in order, until end of data.
 
-        Reconnects (from the next undelivered step) while the coordinator is UNAVAILABLE.
+        ``resume``: this group starts from the last checkpoint, so the coordinator rolls back
+        commits after it (first request only). Reconnects (from the next undelivered step)
+        while the coordinator is UNAVAILABLE.
         """
         step, failures = from_step, 0
         while stop is None or not stop.is_set():
             call = self._call = self.stub.StreamSteps(cpb.StreamStepsRequest(
-                session_id=self.session_id, rank=rank, from_step=step, prefetch=prefetch))
+                session_id=self.session_id, rank=rank, from_step=step, prefetch=prefetch,
+                resume=resume))
+            resume = False
             try:
                 for msg in call:
                     failures = 0

@@ -292,16 +292,18 @@ class CommitSamplesResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[CommitResult, _Mapping]]] = ...) -> None: ...
 
 class StreamStepsRequest(_message.Message):
-    __slots__ = ("session_id", "rank", "from_step", "prefetch")
+    __slots__ = ("session_id", "rank", "from_step", "prefetch", "resume")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     FROM_STEP_FIELD_NUMBER: _ClassVar[int]
     PREFETCH_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     rank: int
     from_step: int
     prefetch: int
-    def __init__(self, session_id: _Optional[str] = ..., rank: _Optional[int] = ..., from_step: _Optional[int] = ..., prefetch: _Optional[int] = ...) -> None: ...
+    resume: bool
+    def __init__(self, session_id: _Optional[str] = ..., rank: _Optional[int] = ..., from_step: _Optional[int] = ..., prefetch: _Optional[int] = ..., resume: _Optional[bool] = ...) -> None: ...
 
 class StreamStepsResponse(_message.Message):
     __slots__ = ("step", "refs", "end_of_data", "tail", "dropped_samples")

@@ -399,8 +399,11 @@ def test_resume_from_checkpoint_replays_same_steps_and_recaptures_freed(
     # The trainer dies after step 4; a new one resumes from checkpoint 2.
     tid2 = trainer(coord, cfg)
     with pytest.raises(FailedPrecondition, match="resume from the last checkpoint"):
-        coord.open_stream(tid2, 0, 2)
-    sess2 = coord.open_stream(tid2, 0, 3)
+        coord.open_stream(tid2, 0, 2, resume=True)
+    with pytest.raises(FailedPrecondition, match="steps up to 4 are committed"):
+        coord.open_stream(tid2, 0, 3)  # a late or stale rank never rolls a run back
+    assert coord.run_status("r1").last_committed_step == 4
+    sess2 = coord.open_stream(tid2, 0, 3, resume=True)
     assert coord.run_status("r1").last_committed_step == 2
     assert coord.deliver(sess2, 0, 3, 1).kind == "WAIT"  # step 3's tensors were freed
     again = coord.lease_prompts(pid, 8).leases
