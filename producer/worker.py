@@ -38,6 +38,12 @@ from services.tokenizer import tokenizer_hash
 
 log = logging.getLogger(__name__)
 
+_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+"""Codes that mean "the coordinator is not answering now" (restarting, unreachable)."""
+RETRY_FIRST_S = 0.2
+RETRY_MAX_S = 5.0
+"""Waits between calls while the coordinator is unavailable: doubling from the first to the max."""
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -153,9 +159,10 @@ class Producer:
         fp = local_fingerprint(self._run, self._tokenizer, self._engine.aux_layer_ids,
                                self._cfg.revision)
         try:
-            resp = self._stub.RegisterWorker(cpb.RegisterWorkerRequest(
-                run_id=self._cfg.run_id, role=common_pb2.WORKER_ROLE_PRODUCER, fingerprint=fp,
-                identity=self._cfg.identity))
+            resp = self._call("RegisterWorker", self._stub.RegisterWorker,
+                              cpb.RegisterWorkerRequest(
+                                  run_id=self._cfg.run_id, role=common_pb2.WORKER_ROLE_PRODUCER,
+                                  fingerprint=fp, identity=self._cfg.identity))
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 raise RegistrationRefused(exc.details()) from None
@@ -214,6 +221,35 @@ class Producer:
             if done is not None:
                 done.put(None)
 
+    def _call(self, name: str, method: Callable[[Any], Any], request: Any,
+              until: Callable[[], bool] | None = None) -> Any:
+        """Call the coordinator, waiting out outages (a restart takes seconds): retry
+        UNAVAILABLE / DEADLINE_EXCEEDED with capped backoff. Without limit while producing;
+        while draining, for at most the lease time (the leases are gone after that anyway);
+        never once the loop has stopped or ``until()`` says to give up."""
+        delay = RETRY_FIRST_S
+        give_up: float | None = None
+        while True:
+            try:
+                return method(request)
+            except grpc.RpcError as exc:
+                if exc.code() not in _TRANSIENT or self._stopped.is_set():
+                    raise
+                if until is not None and until():
+                    raise
+                if self._draining.is_set():
+                    give_up = give_up if give_up is not None else self._clock() + self._lease_s
+                    if self._clock() >= give_up:
+                        raise
+                log.warning("coordinator unavailable (%s), retrying %s in %.1fs",
+                            exc.code().name, name, delay, extra=event(
+                                "coordinator_retry", run_id=self._cfg.run_id,
+                                session_id=self.session_id, call=name, code=exc.code().name,
+                                wait_s=delay))
+                if self._stopped.wait(delay):
+                    raise
+                delay = min(delay * 2, RETRY_MAX_S)
+
     def _rejoin(self, why: str) -> None:
         """Our session expired (missed heartbeats): its leases went back; start a new one."""
         log.warning("session lost, registering again: %s", why, extra=event(
@@ -229,9 +265,13 @@ class Producer:
         """Lease and prepare batches ahead of the engine, so it never waits on an RPC."""
         while not self._draining.is_set():
             try:
-                resp = self._stub.LeasePrompts(cpb.LeasePromptsRequest(
-                    session_id=self.session_id, max_prompts=self._cfg.lease_batch))
+                resp = self._call("LeasePrompts", self._stub.LeasePrompts,
+                                  cpb.LeasePromptsRequest(session_id=self.session_id,
+                                                          max_prompts=self._cfg.lease_batch),
+                                  until=self._draining.is_set)
             except grpc.RpcError as exc:
+                if exc.code() in _TRANSIENT and self._draining.is_set():
+                    return  # drained during an outage: nothing more to lease
                 if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
                     raise
                 self._rejoin(exc.details())
@@ -381,8 +421,11 @@ class Producer:
     def _commit(self, items: list[_Item]) -> None:
         commits = [cpb.SampleCommit(ref=it.ref, lease_token=it.lease.lease_token) for it in items]
         try:
-            results = self._stub.CommitSamples(cpb.CommitSamplesRequest(
-                session_id=self.session_id, samples=commits)).results
+            # A retry after an outage is safe: a sample committed already answers DUPLICATE,
+            # and a lease that expired meanwhile answers FAILED_PRECONDITION.
+            results = self._call("CommitSamples", self._stub.CommitSamples,
+                                 cpb.CommitSamplesRequest(session_id=self.session_id,
+                                                          samples=commits)).results
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.FAILED_PRECONDITION or len(items) == 1:
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
@@ -452,7 +495,7 @@ class Producer:
 
     def _fail(self, items: list[_Item], reason: str, retryable: bool) -> None:
         try:
-            self._stub.FailPrompts(cpb.FailPromptsRequest(
+            self._call("FailPrompts", self._stub.FailPrompts, cpb.FailPromptsRequest(
                 session_id=self.session_id, leases=[it.handle() for it in items],
                 reason=reason, retryable=retryable))
         except grpc.RpcError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import uuid
 from pathlib import Path
@@ -14,7 +15,7 @@ from sqlalchemy import text
 
 from producer.dataprep import messages_from_conversation, prepare_prompt
 from producer.features import EAGLE3_TENSORS
-from producer.worker import RegistrationRefused
+from producer.worker import ProducerStats, RegistrationRefused
 from services.api import common_pb2
 from services.api import coordinator_pb2 as cpb
 from services.dataset import parse_line, prompt_id
@@ -161,3 +162,70 @@ def test_a_failing_stage_stops_the_loop_and_gives_leases_back(stub, engine,
     assert st.prompts.get("LEASED", 0) == st.prompts.get("CAPTURED", 0) == 0
     assert st.prompts.get("DEAD", 0) == 0
     assert st.prompts["PENDING"] == 12
+
+
+class _RetryLog(logging.Handler):
+    """Counts the producer's retries of coordinator calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.retries = threading.Semaphore(0)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "action", None) == "coordinator_retry":
+            self.retries.release()
+
+
+class _OutageEngine:
+    """Stops the coordinator during the first capture, so the commit meets the outage."""
+
+    def __init__(self, inner, stop) -> None:  # type: ignore[no-untyped-def]
+        self._inner, self._stop = inner, stop
+        self.aux_layer_ids, self.name, self.device = inner.aux_layer_ids, inner.name, inner.device
+
+    def capture(self, batch):  # type: ignore[no-untyped-def]
+        if self._stop is not None:
+            self._stop()
+            self._stop = None
+        return self._inner.capture(batch)
+
+
+def test_producer_waits_out_a_coordinator_restart(sqlite_url: str, store, engine,
+                                                 llama_dir: Path) -> None:
+    from coordinator.server import CoordinatorConfig, CoordinatorProcess
+    from services.api import coordinator_pb2_grpc
+    from services.rpc.client import open_channel
+    from services.rpc.server import ServerConfig
+
+    def start(listen: str) -> CoordinatorProcess:
+        return CoordinatorProcess(CoordinatorConfig(
+            db_url=sqlite_url, server=ServerConfig(listen=listen), reap_seconds=0.1))
+
+    procs = [start("127.0.0.1:0")]
+    port = procs[0].port
+    channel = open_channel(f"127.0.0.1:{port}")
+    stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+    handler = _RetryLog()
+    logging.getLogger("producer.worker").addHandler(handler)
+    try:
+        run = create_run(stub, llama_dir, lines(6), heartbeat_seconds=5)
+        producer = make_producer(stub, store, _OutageEngine(engine, lambda: procs[0].stop(0)),
+                                 llama_dir, run, lease_batch=2)
+        result: list[object] = []
+        worker = threading.Thread(target=lambda: result.append(producer.run()), daemon=True)
+        worker.start()
+        # More retries than the channel's own policy makes: the producer outlived it.
+        for _ in range(6):
+            assert handler.retries.acquire(timeout=60), "the producer did not retry"
+        assert worker.is_alive() and not result
+        procs.append(start(f"127.0.0.1:{port}"))
+        worker.join(timeout=120)
+        assert result and isinstance(result[0], ProducerStats), result
+        assert result[0].samples_committed == 6
+        st = status(stub)
+        assert st.prompts["CAPTURED"] == 6
+        assert st.prompts.get("PENDING", 0) == st.prompts.get("LEASED", 0) == 0
+    finally:
+        logging.getLogger("producer.worker").removeHandler(handler)
+        channel.close()
+        procs[-1].stop(0.5)
