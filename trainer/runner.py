@@ -9,6 +9,7 @@ loaded and the stream reopens at the step after it; the coordinator re-delivers 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -16,8 +17,8 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, InvalidStateError, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -42,6 +43,7 @@ from trainer.parallel import (
     is_sharded,
 )
 from trainer.session import CoordinatorSession, aux_layer_ids, local_fingerprint
+from trainer.steps import StepBundle
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +124,16 @@ class _Committer:
     """Runs coordinator calls of the step protocol in order, off the training thread.
 
     Commits, frees and checkpoint records cost round trips that the next step need not wait
-    for: the stream already holds ``prefetch`` steps. A failure is raised on the next submit.
+    for: the stream already holds ``prefetch`` steps. The calls wait out coordinator outages
+    themselves; any other failure is passed to ``on_error`` at once (the training thread may
+    be waiting for a step the coordinator holds back until the commit lands) and raised on the
+    next submit.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_error: Callable[[BaseException], None] | None = None) -> None:
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._error: BaseException | None = None
+        self._on_error = on_error
         self._thread = threading.Thread(target=self._loop, name="trainer-committer",
                                         daemon=True)
         self._thread.start()
@@ -139,6 +145,9 @@ class _Committer:
                     job()
             except BaseException as exc:
                 self._error = exc
+                log.error("coordinator call failed: %s", exc, extra=event("commit_failed"))
+                if self._on_error is not None:
+                    self._on_error(exc)
             finally:
                 self._queue.task_done()
         self._queue.task_done()
@@ -160,6 +169,47 @@ class _Committer:
     def _raise(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+class _Interruptible:
+    """A step source whose wait for the next step ``fail`` can cut short.
+
+    The source is advanced on a helper thread while the training thread waits for either the
+    bundle or a failure; a bundle is still used before the next is asked for (buffers are
+    reused), so the source sees the same one-at-a-time use as without this wrapper.
+    """
+
+    _END = object()
+
+    def __init__(self, source: CoordinatorSteps) -> None:
+        self._source = source
+        self._failed: Future[None] = Future()
+
+    def fail(self, exc: BaseException) -> None:
+        """Raise ``exc`` in the training thread, now if it waits for a step, else at the next."""
+        with contextlib.suppress(InvalidStateError):  # the first failure is the one raised
+            self._failed.set_exception(exc)
+
+    def steps(self, from_step: int) -> Iterator[StepBundle]:
+        it = self._source.steps(from_step)
+        while True:
+            nxt: Future[object] = Future()
+            # Daemon: if a failure wins, the thread may stay blocked until the source closes.
+            threading.Thread(target=self._advance, args=(it, nxt), daemon=True,
+                             name="trainer-next-step").start()
+            wait([nxt, self._failed], return_when=FIRST_COMPLETED)
+            if self._failed.done():
+                self._failed.result()
+            bundle = nxt.result()
+            if bundle is self._END:
+                return
+            yield bundle  # type: ignore[misc]
+
+    def _advance(self, it: Iterator[StepBundle], out: Future[object]) -> None:
+        try:
+            out.set_result(next(it, self._END))
+        except BaseException as exc:
+            out.set_exception(exc)
 
 
 class _Stop(Exception):
@@ -206,7 +256,8 @@ class CoordinatorRunner:
         """(``time.perf_counter()`` at commit, seconds inside ``train_step``) of those steps."""
         self._lock = threading.Lock()
         self.source: CoordinatorSteps | None = None
-        self._committer = _Committer()
+        self._steps: _Interruptible | None = None
+        self._committer = _Committer(on_error=self._commit_failed)
         self._resume(reg.last_checkpoint_step, reg.last_checkpoint_uri)
 
     # -- resume -------------------------------------------------------------------------------
@@ -260,11 +311,12 @@ class CoordinatorRunner:
             self.session, self.store, geo, rank=self.dist.rank, prefetch=self.cfg.prefetch,
             max_length=self.run_info.config.capture.max_length, pin_memory=pin,
             feature_names=[f.name for f in strategy.features])
+        self._steps = _Interruptible(self.source)
         self._started = time.perf_counter()
         self._first_step = self.trainer.step
         try:
             try:
-                self.trainer.run(self.source, max_steps=self.cfg.max_steps,
+                self.trainer.run(self._steps, max_steps=self.cfg.max_steps,
                                  on_step=self._on_step, on_checkpoint=self._on_checkpoint)
             except _Stop:
                 self.stopped = True
@@ -274,6 +326,7 @@ class CoordinatorRunner:
             if self.cfg.export and not self.stopped:
                 self._export()
         finally:
+            self.session.stop_retrying()
             self._committer.close()
             self.source.close()
             self.status.done = True
@@ -282,6 +335,11 @@ class CoordinatorRunner:
             "trainer_done", run_id=self.cfg.run_id, step=self.trainer.step,
             end_of_data=self.source.end_step is not None, dropped=self.source.dropped))
         return self.trainer.step
+
+    def _commit_failed(self, exc: BaseException) -> None:
+        """A step protocol call failed for good: stop training now, not at the next submit."""
+        if self._steps is not None:
+            self._steps.fail(exc)
 
     def _export(self) -> None:
         """Export the draft to OUT/final on rank 0 (every rank joins the gather under FSDP)."""

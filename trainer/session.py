@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 """Waits between StreamSteps reconnects while the coordinator is UNAVAILABLE; the last repeats."""
+RETRY_FIRST_S = 0.2
+RETRY_MAX_S = 5.0
+"""Waits between unary calls while the coordinator is UNAVAILABLE: doubling, capped."""
 
 
 class RegistrationRefused(RuntimeError):
@@ -163,27 +166,51 @@ class CoordinatorSession:
         if self._call is not None:
             self._call.cancel()
 
+    def _retrying(self, name: str, method: Any, request: Any) -> Any:
+        """Call the coordinator, waiting out an outage (a restart takes seconds): UNAVAILABLE
+        is retried with capped backoff until it answers or ``close`` is called. Every call made
+        this way is idempotent (a step committed twice answers OK)."""
+        delay = RETRY_FIRST_S
+        while True:
+            try:
+                return method(request)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or self._stop.is_set():
+                    raise
+                log.warning("coordinator unavailable, retrying %s in %.1fs", name, delay,
+                            extra=event("coordinator_retry", run_id=self.run_id,
+                                        session_id=self.session_id, call=name, wait_s=delay))
+                if self._stop.wait(delay):
+                    raise
+                delay = min(delay * 2, RETRY_MAX_S)
+
     def commit_step(self, step: int, loss: float) -> list[common_pb2.SampleRef]:
         """Mark ``step`` trained; returns the samples whose tensors may now be freed."""
-        return list(self.stub.CommitStep(cpb.CommitStepRequest(
+        return list(self._retrying("CommitStep", self.stub.CommitStep, cpb.CommitStepRequest(
             session_id=self.session_id, step=step, loss=loss)).retire)
 
     def commit_checkpoint(self, step: int, uri: str) -> list[common_pb2.SampleRef]:
         """Record a durable checkpoint after ``step``; returns samples it lets us free."""
-        return list(self.stub.CommitCheckpoint(cpb.CommitCheckpointRequest(
-            session_id=self.session_id, step=step, uri=uri)).retire)
+        return list(self._retrying(
+            "CommitCheckpoint", self.stub.CommitCheckpoint, cpb.CommitCheckpointRequest(
+                session_id=self.session_id, step=step, uri=uri)).retire)
 
     def report_lost(self, ref: common_pb2.SampleRef, reason: str) -> bool:
         """Tell the coordinator a sample's tensors are gone; False if it went DEAD instead."""
-        return self.stub.ReportLost(cpb.ReportLostRequest(
+        return self._retrying("ReportLost", self.stub.ReportLost, cpb.ReportLostRequest(
             session_id=self.session_id, sample_id=ref.sample_id, generation=ref.generation,
             reason=reason)).recapture
 
     def retire(self, sample_ids: Sequence[str]) -> int:
+        """Tell the coordinator these samples' tensors are freed."""
         if not sample_ids:
             return 0
-        return self.stub.RetireSamples(cpb.RetireSamplesRequest(
+        return self._retrying("RetireSamples", self.stub.RetireSamples, cpb.RetireSamplesRequest(
             session_id=self.session_id, sample_ids=list(sample_ids))).retired
+
+    def stop_retrying(self) -> None:
+        """Make calls waiting out an outage give up (raise) now; used when training ends."""
+        self._stop.set()
 
     def close(self) -> None:
         """Stop heartbeating and close the session (best effort) and the channel."""
