@@ -73,11 +73,6 @@ def test_trainer_killed_and_restarted(make_cluster: MakeCluster, pg_url: str) ->
     assert int(done.group(2)) == SPEC.final_step - resume_from
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the trainer group hangs: a CommitStep that fails while the coordinator is down (UNAVAILABLE "
-    "after the channel's retries) is kept by trainer/runner.py _Committer until the next submit, "
-    "but the training thread waits on the step stream, which gets no step past the last "
-    "committed one plus prefetch"))
 def test_coordinator_restarted_while_training(make_cluster: MakeCluster, pg_url: str) -> None:
     # Capture everything first, then train: the restart meets the trainer group alone.
     spec = RunSpec(prompts=40, geometry=Geometry(world=2, micro=1), checkpoint_every=4,
@@ -96,11 +91,6 @@ def test_coordinator_restarted_while_training(make_cluster: MakeCluster, pg_url:
     assert {step: after[step] for step in before} == before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "producers exit when the coordinator is unreachable for longer than the channel's retry "
-    "policy (5 attempts, about 1.5 s): producer/worker.py treats UNAVAILABLE from LeasePrompts "
-    "and CommitSamples as fatal, and a coordinator takes a few seconds to start again (the "
-    "trainer group then hangs too: see test_coordinator_restarted_while_training)"))
 def test_coordinator_restarted(make_cluster: MakeCluster, pg_url: str) -> None:
     cluster = started(make_cluster, pg_url)
     cluster.wait_step(3)
