@@ -95,8 +95,8 @@ def write_run_config(directory: Path, target: Path, spec: RunSpec) -> Path:
         "step": {"world_size": g.world, "micro_batch": g.micro, "accumulation": g.accum},
         "training": {"learning_rate": 1e-3, "checkpoint_every": spec.checkpoint_every},
         # Leases of a killed producer come back after 6 s; sessions outlive a coordinator
-        # restart of a few seconds (10 missed heartbeats), as they would in production.
-        "lease": {"lease_seconds": 6, "heartbeat_seconds": 1, "heartbeat_misses": 10},
+        # restart of several seconds (30 missed heartbeats), as they would in production.
+        "lease": {"lease_seconds": 6, "heartbeat_seconds": 1, "heartbeat_misses": 30},
         "watermark": {"high_samples": spec.high_samples, "low_samples": spec.low_samples,
                       "retry_after_seconds": 0.2},
     }

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from tests.e2e.accounting import check_accounting, step_composition
-from tests.e2e.cluster import Cluster, Geometry, RunSpec
+from tests.e2e.cluster import Cluster, Geometry, RunSpec, wait_for
 from tests.e2e.conftest import MakeCluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -102,6 +102,9 @@ def test_coordinator_restarted(make_cluster: MakeCluster, pg_url: str) -> None:
 def test_mooncake_master_restarted(make_cluster: MakeCluster, pg_url: str) -> None:
     cluster = started(make_cluster, pg_url)
     cluster.wait_step(2)
+    # Restart while captured features wait in the store for a step, so some are surely lost.
+    wait_for(lambda: int(cluster.status()["samples"].get("READY", 0)) > 0, 60,
+             "samples waiting in the store")
     cluster.restart_master()
     before = step_composition(pg_url, SPEC.run_id)
     finish(cluster, pg_url, before)
