@@ -38,8 +38,11 @@ from services.tokenizer import tokenizer_hash
 
 log = logging.getLogger(__name__)
 
-_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-"""Codes that mean "the coordinator is not answering now" (restarting, unreachable)."""
+_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+              grpc.StatusCode.CANCELLED)
+"""Codes that mean "the coordinator is not answering now": restarting, unreachable, or shut down
+while the call was in flight (the server cancels it; this worker never cancels its own calls
+except when stopping, which ends the retries)."""
 RETRY_FIRST_S = 0.2
 RETRY_MAX_S = 5.0
 """Waits between calls while the coordinator is unavailable: doubling from the first to the max."""

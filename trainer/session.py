@@ -23,6 +23,9 @@ from services.logs import event
 from services.rpc.client import open_channel
 from services.tokenizer import tokenizer_hash
 
+# The coordinator is not answering now: restarting, unreachable, or shut down mid-call.
+_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
 log = logging.getLogger(__name__)
 
 RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
@@ -175,7 +178,7 @@ class CoordinatorSession:
             try:
                 return method(request)
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or self._stop.is_set():
+                if exc.code() not in _TRANSIENT or self._stop.is_set():
                     raise
                 log.warning("coordinator unavailable, retrying %s in %.1fs", name, delay,
                             extra=event("coordinator_retry", run_id=self.run_id,
