@@ -143,6 +143,8 @@ def run(opts: UpOptions) -> int:
         out_dir = work / "runs" / run_id
         console.print(f"run [bold]{run_id}[/]: {run_obj.num_prompts} prompts x "
                       f"{run_obj.config.epochs} epochs; logs in {stack.log_dir}")
+        console.print(f"watch it from another terminal: draftflow status {run_id} --watch "
+                      f"--coordinator {target}")
         # The config's model path is relative to the config file; the roles run elsewhere.
         common = ["--coordinator", target, "--run", run_id, "--store", store_url,
                   "--metrics-port", "-1", "--model-path", str(model_path)]
