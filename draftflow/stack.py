@@ -17,6 +17,17 @@ class Child:
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    log_offset: int = 0
+    """Size of the log before this process started: its own lines come after."""
+
+    def own_log(self) -> str:
+        """What this process wrote to its log (logs are appended across runs)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self.log_offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -40,12 +51,13 @@ class Stack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         with open(log_path, "ab") as log:
+            offset = log.tell()
             process = subprocess.Popen(
                 list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, **(env or {})},
                 start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
             )
-        child = Child(name, process, log_path)
+        child = Child(name, process, log_path, offset)
         self.children.append(child)
         return child
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from services.api import coordinator_pb2 as cpb
 from services.api import coordinator_pb2_grpc
 from services.logs import event
 from services.rpc.client import open_channel
-from services.store.mooncake_proc import MasterHandle, free_port, start_holder, start_master
+from services.store.mooncake_proc import MasterHandle, start_holder, start_master
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,19 @@ class UpOptions:
 
 class UpError(RuntimeError):
     """``draftflow up`` cannot go on; the message says why and what to look at."""
+
+
+def _wait_listening(child: Child, role: str, timeout_s: float = 60.0) -> str:
+    """The address a child binds on port 0, once it prints it."""
+    address = _listening_address(child, role)
+    deadline = time.monotonic() + timeout_s
+    while (found := address()) is None:
+        if not child.alive():
+            raise UpError(f"{child.name} exited during start-up:\n{child.log_tail()}")
+        if time.monotonic() > deadline:
+            raise UpError(f"{child.name} did not start listening; see {child.log_path}")
+        time.sleep(0.1)
+    return found
 
 
 def _wait_healthy(target: str, child: Child, timeout_s: float = 60.0) -> None:
@@ -110,6 +124,21 @@ def _prepare_target(config_path: Path, console: Console) -> Path:
     return model
 
 
+def _listening_address(child: Child, role: str) -> Callable[[], str | None]:
+    """HOST:PORT a child printed as "<role> listening on port N", once it has."""
+    pattern = re.compile(rf"{role} listening on port (\d+)")
+    found: list[str] = []
+
+    def address() -> str | None:
+        if not found:
+            match = pattern.search(child.own_log())
+            if match:
+                found.append(f"127.0.0.1:{match.group(1)}")
+        return found[0] if found else None
+
+    return address
+
+
 def run(opts: UpOptions) -> int:
     console = Console()
     config = opts.config.resolve()
@@ -129,12 +158,11 @@ def run(opts: UpOptions) -> int:
             master = start_master(log_path=work / "logs" / "mooncake-master.log")
             holder = start_holder(master.address, opts.segment_mb)
         store_url = master.url("draftflow")
-        port = free_port()
-        target = f"127.0.0.1:{port}"
         coordinator = stack.python("coordinator", [
-            "draftflow", "--log-format", "json", "coordinator", "--listen", target,
+            "draftflow", "--log-format", "json", "coordinator", "--listen", "127.0.0.1:0",
             "--db", f"sqlite:///{work / 'coordinator.db'}", "--metrics-port", "-1"])
         with console.status("starting the coordinator"):
+            target = _wait_listening(coordinator, "coordinator")
             _wait_healthy(target, coordinator)
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(open_channel(target))
         with console.status("creating the run (tokenizing the dataset, building the vocab map)"):
@@ -159,9 +187,9 @@ def run(opts: UpOptions) -> int:
 
         for i in range(opts.producers):
             start_producer(i)
-        trainer_target = f"127.0.0.1:{free_port()}"
+        # Port 0: the trainer binds a free port itself and prints it (no port race).
         trainer_args = ["draftflow", "--log-format", "json", "trainer", *common,
-                        "--listen", trainer_target, "--out", str(out_dir),
+                        "--listen", "127.0.0.1:0", "--out", str(out_dir),
                         "--device", opts.device]
         if world > 1:
             # torchrun's parser reads `--run` as an ambiguous `--run-path`.
@@ -171,7 +199,7 @@ def run(opts: UpOptions) -> int:
                                    env)
         else:
             trainer = stack.python("trainer", trainer_args, env)
-        watch = TrainerWatch(trainer_target)
+        watch = TrainerWatch(_listening_address(trainer, "trainer"))
         status = _follow(stub, run_id, stack, trainer, watch, start_producer, console,
                          opts.timeout_s, started)
         watch.close()

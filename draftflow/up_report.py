@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,7 +49,8 @@ def previous_figures(path: Path) -> TrainerFigures:
 class TrainerWatch:
     """Polls a trainer's ``GetStatus`` and keeps the last steps' figures."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: Callable[[], str | None]) -> None:
+        """``target()`` gives the trainer's HOST:PORT once it is listening, else None."""
         self._target = target
         self._channel: grpc.Channel | None = None
         self._steps: deque[trainer_pb2.TrainerGetStatusResponse] = deque(maxlen=WINDOW_STEPS)
@@ -57,7 +59,10 @@ class TrainerWatch:
     def poll(self) -> None:
         """One status read; a trainer that is starting or gone is not an error here."""
         if self._channel is None:
-            self._channel = open_channel(self._target)
+            target = self._target()
+            if target is None:
+                return
+            self._channel = open_channel(target)
         stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
         try:
             reply = stub.GetStatus(trainer_pb2.TrainerGetStatusRequest(), timeout=1.0)

@@ -216,7 +216,9 @@ class Cluster:
         self.create_run()
         for i in range(producers):
             self.start_producer(i)
-        self.trainer_listen = f"{self.trainer_node.addr}:{self.trainer_node.port() or 50053}"
+        # Port 0 on the host: the trainer binds a free port itself, so no other process can
+        # take it between choosing and binding; inside a namespace the default port is free.
+        self.trainer_listen = f"{self.trainer_node.addr}:{50053 if self.trainer_node.prefix else 0}"
         if trainer:
             self.start_trainer()
 
@@ -281,7 +283,8 @@ class Cluster:
         argv = draftflow_argv(
             "producer", *self._role_args(), "--device", "cpu",
             "--store", self.store_url(self.producer_node, segment), "--lease-batch", "2",
-            "--listen", f"{self.producer_node.addr}:{self.producer_node.port() or 50052 + 10 * i}")
+            "--listen",
+            f"{self.producer_node.addr}:{50052 + 10 * i if self.producer_node.prefix else 0}")
         proc = spawn(f"producer-{i}", argv, self.producer_node, self.log_dir)
         self.procs[f"producer-{i}"] = proc
         return proc
