@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -23,7 +21,6 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -31,36 +28,17 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.coordinator_proc import start_coordinator  # noqa: E402
 from services.api import common_pb2, coordinator_pb2_grpc  # noqa: E402
 from services.api import coordinator_pb2 as cpb  # noqa: E402
 from services.rpc.client import open_channel  # noqa: E402
 from tests.coordinator import helpers as h  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, db_url: str) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "draftflow", "--log-level", "WARNING", "coordinator",
-             "--listen", f"127.0.0.1:{self.port}", "--db", db_url, "--metrics-port", "-1"],
-            cwd=ROOT, stdout=subprocess.DEVNULL)
+        self.proc, self.port = start_coordinator(db_url)
         self.target = f"127.0.0.1:{self.port}"
-        health = health_pb2_grpc.HealthStub(open_channel(self.target))
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                return
-            except grpc.RpcError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("coordinator did not start") from None
-                time.sleep(0.2)
 
     def stop(self) -> None:
         self.proc.terminate()

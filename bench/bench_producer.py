@@ -19,8 +19,6 @@ time the engine was busy. The goal is a ratio (and busy fraction) of at least 0.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,9 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import grpc  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
+from bench.coordinator_proc import start_coordinator  # noqa: E402
 from producer.dataprep import parse_row, prepare_prompt  # noqa: E402
 from producer.engines import EngineConfig, create_engine  # noqa: E402
 from producer.vocab import describe_run, run_config_proto  # noqa: E402
@@ -42,32 +39,8 @@ from services.api import coordinator_pb2_grpc  # noqa: E402
 from services.config import RunConfigFile  # noqa: E402
 from services.rpc.client import open_channel  # noqa: E402
 from services.store import open_store  # noqa: E402
-from services.store.mooncake_proc import free_port, start_master  # noqa: E402
+from services.store.mooncake_proc import start_master  # noqa: E402
 from services.tiny_model import DEFAULT_DATASET, build_tiny_target  # noqa: E402
-
-
-def start_coordinator(db: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "draftflow", "coordinator", "--db", f"sqlite:///{db}",
-         "--listen", f"127.0.0.1:{port}", "--metrics-port", "-1"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        while True:
-            try:
-                reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
-                                                             timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return proc, port
-            except grpc.RpcError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise SystemExit("the coordinator did not start")
-            time.sleep(0.1)
 
 
 def main() -> None:
@@ -108,7 +81,7 @@ def main() -> None:
     alone_before = engine_alone()
 
     tmp = Path(tempfile.mkdtemp(prefix="draftflow-bench-"))
-    coord, port = start_coordinator(tmp / "c.db")
+    coord, port = start_coordinator(f"sqlite:///{tmp / 'c.db'}")
     master = start_master(log_path=tmp / "master.log") if args.store == "mooncake" else None
     try:
         url = (master.url(f"b{uuid.uuid4().hex[:6]}", segment_mb=1024, buffer_mb=256)

@@ -24,7 +24,6 @@ import argparse
 import itertools
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,10 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import grpc  # noqa: E402
 import torch  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
+from bench.coordinator_proc import start_coordinator  # noqa: E402
 from producer.vocab import describe_run, run_config_proto  # noqa: E402
 from services.api import common_pb2, coordinator_pb2_grpc  # noqa: E402
 from services.api import coordinator_pb2 as cpb  # noqa: E402
@@ -45,7 +43,7 @@ from services.config import RunConfigFile  # noqa: E402
 from services.dataset import parse_line, prompt_id  # noqa: E402
 from services.rpc.client import open_channel  # noqa: E402
 from services.store import open_store  # noqa: E402
-from services.store.mooncake_proc import free_port, start_master  # noqa: E402
+from services.store.mooncake_proc import start_master  # noqa: E402
 from services.tiny_model import DEFAULT_DATASET, build_tiny_target  # noqa: E402
 from trainer.config import TrainerConfig  # noqa: E402
 from trainer.loop import build_trainer  # noqa: E402
@@ -54,29 +52,6 @@ from trainer.session import aux_layer_ids  # noqa: E402
 from trainer.steps import InProcessSteps  # noqa: E402
 
 WARMUP = 3
-
-
-def start_coordinator(db: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "draftflow", "coordinator", "--db", f"sqlite:///{db}",
-         "--listen", f"127.0.0.1:{port}", "--metrics-port", "-1"],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        while True:
-            try:
-                resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(),
-                                                            timeout=1)
-                if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                    return proc, port
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise SystemExit("the coordinator did not start")
-            time.sleep(0.1)
 
 
 def features_for(n: int, length: int, hidden: int, vocab: int, seed: int = 0
@@ -165,7 +140,7 @@ def main() -> None:
     by_prompt = {prompt_id(parse_line(r)): s for r, s in zip(rows, samples, strict=True)}
 
     master = start_master(log_path=work / "master.log")
-    coord, port = start_coordinator(work / "c.db")
+    coord, port = start_coordinator(f"sqlite:///{work / 'c.db'}")
     channel = open_channel(f"127.0.0.1:{port}")
     stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
     writer = open_store(master.url("bench", segment_mb=1024, buffer_mb=64))
