@@ -156,7 +156,8 @@ def run(opts: UpOptions) -> int:
     try:
         with console.status("starting Mooncake master and holder"):
             master = start_master(log_path=work / "logs" / "mooncake-master.log")
-            holder = start_holder(master.address, opts.segment_mb)
+            holder = start_holder(master.address, opts.segment_mb,
+                                  log_path=work / "logs" / "mooncake-holder.log")
         store_url = master.url("draftflow")
         coordinator = stack.python("coordinator", [
             "draftflow", "--log-format", "json", "coordinator", "--listen", "127.0.0.1:0",

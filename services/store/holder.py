@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 
-from services.store.mooncake import MiB
+from services.store.mooncake import MiB, master_reachable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # setup() retries for a long time when the master is down: fail fast instead.
+    if not master_reachable(args.master, 5.0):
+        print(f"Mooncake master {args.master} refuses connections; start mooncake_master "
+              "or fix --master", file=sys.stderr)
+        return 1
     client = MooncakeDistributedStore()
     rc = client.setup(args.local, args.metadata, args.segment_mb * MiB, 16 * MiB,
                       args.protocol, args.device, args.master)

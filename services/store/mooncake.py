@@ -81,7 +81,8 @@ class MooncakeConfig:
             raise InvalidArgument(f"master: {self.master!r}; use HOST:PORT")
 
 
-def _probe(address: str, timeout_s: float) -> bool:
+def master_reachable(address: str, timeout_s: float) -> bool:
+    """True when a TCP connection to the master's RPC ``HOST:PORT`` succeeds."""
     host, port = address.rsplit(":", 1)
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s):
@@ -99,7 +100,7 @@ class MooncakeStore(FeatureStore):
         self.config = config
         self.store_id = config.store_id
         # setup() retries for about 90 s when the master is down: fail fast instead.
-        if not _probe(config.master, config.connect_timeout_s):
+        if not master_reachable(config.master, config.connect_timeout_s):
             raise StoreUnavailable(
                 f"Mooncake master {config.master} refuses connections; start mooncake_master "
                 "or fix the master address"
@@ -314,7 +315,7 @@ class MooncakeStore(FeatureStore):
             return False
         # The client's own health check stays 0 while the master is down: probe the port too.
         return (
-            _probe(self.config.master, self.config.connect_timeout_s)
+            master_reachable(self.config.master, self.config.connect_timeout_s)
             and self._client.health_check() == 0
         )
 

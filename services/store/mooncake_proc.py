@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.store.base import StoreUnavailable
+from services.store.mooncake import master_reachable
 
 
 def master_binary() -> str:
@@ -38,9 +41,23 @@ def master_binary() -> str:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on ``host`` right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports free on ``host`` right now.
+
+    All sockets stay bound until every port is chosen: asked one at a time, the OS may hand
+    out the same port twice.
+    """
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @dataclass
@@ -74,12 +91,13 @@ class MasterHandle:
         return f"mooncake://{self.address}?" + "&".join(f"{k}={v}" for k, v in query.items())
 
     def serving(self) -> bool:
-        """True when the master answers its health endpoint as ready."""
+        """True when the master answers its health endpoint as ready and accepts RPC clients."""
         health = f"http://{self.host}:{self.metrics_port}/health"
         if self.prefix:  # e.g. inside a network namespace: probe from there
-            probe = [*self.prefix, sys.executable, "-m", "services.store.mooncake_proc", health]
+            probe = [*self.prefix, sys.executable, "-m", "services.store.mooncake_proc",
+                     health, self.address]
             return subprocess.run(probe, capture_output=True, timeout=10).returncode == 0
-        return _ready(health)
+        return _ready(health, self.address)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout_s``; all keys are lost."""
@@ -115,22 +133,32 @@ def start_master(
     ``client_ttl_s``: after this long without heartbeats a client's segment is dropped, and
     reads of keys in it turn from "transfer failed" into "no such key".
     """
-    rpc_port = rpc_port or free_port(host)
-    metrics_port = metrics_port or free_port(host)
-    http_port = free_port(host) if http_metadata else None
-    argv = [
-        master_binary(),
-        f"--rpc_address={host}", f"--rpc_port={rpc_port}",
-        f"--metrics_host={host}", f"--metrics_port={metrics_port}",
-        f"--client_ttl={client_ttl_s}",
-        "--rpc_thread_num=4",
-    ]
-    if http_port is not None:
-        argv += [
-            "--enable_http_metadata_server=true",
-            f"--http_metadata_server_host={host}", f"--http_metadata_server_port={http_port}",
+    # Another process may take a port chosen here before the master binds it: then start
+    # again on fresh ports. Ports the caller named are kept, so there is nothing to retry.
+    attempts = 1 if rpc_port and metrics_port else 3
+    for attempt in range(attempts):
+        chosen = iter(free_ports((not rpc_port) + (not metrics_port) + http_metadata, host))
+        rpc = rpc_port or next(chosen)
+        metrics = metrics_port or next(chosen)
+        http_port = next(chosen) if http_metadata else None
+        argv = [
+            master_binary(),
+            f"--rpc_address={host}", f"--rpc_port={rpc}",
+            f"--metrics_host={host}", f"--metrics_port={metrics}",
+            f"--client_ttl={client_ttl_s}",
+            "--rpc_thread_num=4",
         ]
-    return _launch(argv, host, rpc_port, metrics_port, http_port, log_path, timeout_s, prefix or [])
+        if http_port is not None:
+            argv += [
+                "--enable_http_metadata_server=true",
+                f"--http_metadata_server_host={host}", f"--http_metadata_server_port={http_port}",
+            ]
+        try:
+            return _launch(argv, host, rpc, metrics, http_port, log_path, timeout_s, prefix or [])
+        except StoreUnavailable:
+            if attempt + 1 == attempts:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _launch(
@@ -177,40 +205,55 @@ def start_holder(
     protocol: str = "tcp",
     device: str = "",
     timeout_s: float = 30.0,
+    log_path: Path | None = None,
 ) -> HolderHandle:
-    """Start ``python -m services.store.holder`` and wait until its segment is mounted."""
+    """Start ``python -m services.store.holder`` and wait until its segment is mounted.
+
+    Its log goes to ``log_path``, or to a temporary file that lives as long as the holder.
+    """
     argv = [
         sys.executable, "-m", "services.store.holder", "--master", master,
         "--segment-mb", str(segment_mb), "--local", local_host, "--metadata", metadata,
         "--protocol", protocol, "--device", device,
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    process = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
-    )
+    # Mooncake logs to stderr; keep it so a failed start can say why.
+    errors = open(log_path, "a+") if log_path else tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, text=True, env=env)
     assert process.stdout is not None
     deadline = time.monotonic() + timeout_s
     line = ""
-    # The holder prints one line, "ready SEGMENT", once mounted; a dead holder closes stdout.
-    while time.monotonic() < deadline and not line:
+    # The holder prints "ready SEGMENT" once mounted; a dead holder closes stdout.
+    while not line.startswith("ready ") and time.monotonic() < deadline:
+        if not select.select([process.stdout], [], [], 0.2)[0]:
+            continue
         line = process.stdout.readline()
-        if not line and process.poll() is not None:
+        if not line:
             break
     if not line.startswith("ready "):
         _stop(process, 5.0)
+        errors.flush()
+        errors.seek(0)
+        tail = "".join(errors.readlines()[-5:]).strip()
+        errors.close()
         raise StoreUnavailable(
-            f"holder did not mount {segment_mb} MiB at {master} within {timeout_s} s; "
-            "check the master address and local_host"
+            f"holder did not mount {segment_mb} MiB at {master} within {timeout_s} s "
+            f"(exit code {process.returncode}); check the master address and local_host"
+            + (f"; its last log lines:\n{tail}" if tail else "")
         )
+    errors.close()
     return HolderHandle(process, line.split()[1])
 
 
-def _ready(health_url: str) -> bool:
+def _ready(health_url: str, rpc_address: str) -> bool:
+    # The health endpoint is served apart from RPC: check that both answer.
     try:
         with urllib.request.urlopen(health_url, timeout=1.0) as reply:
-            return bool(json.loads(reply.read()).get("service_ready"))
+            if not json.loads(reply.read()).get("service_ready"):
+                return False
     except (OSError, ValueError):
         return False
+    return master_reachable(rpc_address, 1.0)
 
 
 def _stop(process: subprocess.Popen, timeout_s: float) -> None:  # type: ignore[type-arg]
@@ -225,5 +268,5 @@ def _stop(process: subprocess.Popen, timeout_s: float) -> None:  # type: ignore[
 
 
 if __name__ == "__main__":
-    # ``python -m services.store.mooncake_proc HEALTH_URL``: exit 0 when that master is ready.
-    sys.exit(0 if _ready(sys.argv[1]) else 1)
+    # ``python -m services.store.mooncake_proc HEALTH_URL RPC_ADDRESS``: exit 0 when ready.
+    sys.exit(0 if _ready(sys.argv[1], sys.argv[2]) else 1)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.store.mooncake_proc import free_port
+from services.store.mooncake_proc import free_port, free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +26,7 @@ def draftflow(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[s
 
 @pytest.fixture
 def coordinator(tmp_path: Path) -> Iterator[tuple[str, int, subprocess.Popen[str]]]:
-    port, mport = free_port(), free_port()
+    port, mport = free_ports(2)
     proc = subprocess.Popen(
         [sys.executable, "-m", "draftflow", "coordinator", "--listen", f"127.0.0.1:{port}",
          "--db", f"sqlite:///{tmp_path / 'c.db'}", "--metrics-port", str(mport)],

@@ -11,7 +11,6 @@ import functools
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 import yaml
 
 from services.config import load_run_config
+from services.store.mooncake_proc import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
@@ -369,12 +369,6 @@ def test_build_context_leaves_out_local_state() -> None:
 # --- the Mooncake master command, run for real ---------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _mooncake_master() -> str:
     found = Path(sys.executable).parent / "mooncake_master"
     assert found.exists(), "mooncake_master is missing: run scripts/setup.sh --test"
@@ -387,8 +381,8 @@ def test_mooncake_master_command_and_healthcheck_work() -> None:
     assert command[0] == "mooncake_master"
     assert _flag_eq(command, "--rpc_port") == "50061"
     # Same flags, free ports, loopback only.
-    ports = {flag: str(_free_port()) for flag in
-             ("--rpc_port", "--http_metadata_server_port", "--metrics_port")}
+    flags = ("--rpc_port", "--http_metadata_server_port", "--metrics_port")
+    ports = {flag: str(port) for flag, port in zip(flags, free_ports(3), strict=True)}
     args = [arg.split("=")[0] for arg in command[1:]]
     argv = [_mooncake_master(), *[
         f"{flag}={ports[flag]}" if flag in ports else arg
