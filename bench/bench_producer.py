@@ -101,7 +101,8 @@ def main() -> None:
             vocab_map=facts.vocab_map)).run
         producer = Producer(stub, store, engine, tokenizer, run,
                             WorkerConfig(run_id="bench", identity="bench",
-                                         lease_batch=args.lease_batch))
+                                         lease_batch=args.lease_batch,
+                                         exit_when_captured=True))
         producer.register()
         start = time.perf_counter()
         stats = producer.run()

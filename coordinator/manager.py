@@ -84,6 +84,7 @@ class LeaseResult:
     leases: list[cpb.PromptLease]
     retry_after: float = 0.0
     exhausted: bool = False
+    run_ended: bool = False
 
 
 class Changes:
@@ -299,7 +300,7 @@ class Coordinator:
             cfg = sess.config
             run = self._run_row(conn, sess.run_id)
             if run.state != "ACTIVE":
-                return LeaseResult([], exhausted=True)
+                return LeaseResult([], exhausted=True, run_ended=True)
             if now - self._reaped.get(sess.run_id, float("-inf")) >= REAP_EVERY_SECONDS:
                 self._reap_run(conn, sess.run_id, cfg, now)
                 self._reaped[sess.run_id] = now

@@ -55,7 +55,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                      ) -> cpb.LeasePromptsResponse:
         res = self.c.lease_prompts(request.session_id, request.max_prompts)
         return cpb.LeasePromptsResponse(leases=res.leases, retry_after_seconds=res.retry_after,
-                                        exhausted=res.exhausted)
+                                        exhausted=res.exhausted, run_ended=res.run_ended)
 
     def ExtendLeases(self, request: cpb.ExtendLeasesRequest, context: grpc.ServicerContext
                      ) -> cpb.ExtendLeasesResponse:

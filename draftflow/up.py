@@ -181,13 +181,12 @@ def run(opts: UpOptions) -> int:
         world = run_obj.config.step.world_size
         env = _thread_env(opts.device, opts.producers + world)
 
-        def start_producer(i: int = 0) -> Child:
-            return stack.python(f"producer-{i}", ["draftflow", "--log-format", "json",
-                                                  "producer", *common, "--listen",
-                                                  "127.0.0.1:0", "--device", opts.device], env)
-
+        # Producers stay until the run completes, to capture again what a rollback or a
+        # lost tensor puts back.
         for i in range(opts.producers):
-            start_producer(i)
+            stack.python(f"producer-{i}", ["draftflow", "--log-format", "json", "producer",
+                                           *common, "--listen", "127.0.0.1:0",
+                                           "--device", opts.device], env)
         # Port 0: the trainer binds a free port itself and prints it (no port race).
         trainer_args = ["draftflow", "--log-format", "json", "trainer", *common,
                         "--listen", "127.0.0.1:0", "--out", str(out_dir),
@@ -201,8 +200,7 @@ def run(opts: UpOptions) -> int:
         else:
             trainer = stack.python("trainer", trainer_args, env)
         watch = TrainerWatch(_listening_address(trainer, "trainer"))
-        status = _follow(stub, run_id, stack, trainer, watch, start_producer, console,
-                         opts.timeout_s, started)
+        status = _follow(stub, run_id, stack, trainer, watch, console, opts.timeout_s, started)
         watch.close()
         code = stack.wait_exit(trainer, 120.0)
         if code != 0:
@@ -245,19 +243,13 @@ def _create_run(stub: Any, config: Path) -> cpb.Run:
         raise
 
 
-RESPAWN_EVERY_S = 5.0
-"""Least time between two producer restarts, so one that cannot start is not started in a loop."""
-
-
 def _follow(stub: Any, run_id: str, stack: Stack, trainer: Child, watch: TrainerWatch,
-            start_producer: Callable[[], Child], console: Console, timeout_s: float,
-            started: float) -> cpb.RunStatus:
+            console: Console, timeout_s: float, started: float) -> cpb.RunStatus:
     columns = (TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
         capture = progress.add_task("capture", total=None, rate="")
         train = progress.add_task("train", total=None, rate="")
-        respawned = float("-inf")
         while True:
             status = stub.GetRunStatus(cpb.GetRunStatusRequest(run_id=run_id)).status
             if trainer.alive():
@@ -278,15 +270,6 @@ def _follow(stub: Any, run_id: str, stack: Stack, trainer: Child, watch: Trainer
             if broken is not None:
                 raise UpError(f"{broken.name} exited with {broken.process.returncode}; last "
                               f"lines of {broken.log_path}:\n{broken.log_tail()}")
-            producing = any(c.alive() for c in stack.children if c.name.startswith("producer"))
-            if (status.prompts["PENDING"] and not producing
-                    and time.monotonic() - respawned > RESPAWN_EVERY_S):
-                # Producers stop once every prompt is captured; a later recapture (a lost
-                # tensor, a trainer rolled back past freed samples) needs one again.
-                progress.console.print(f"{status.prompts['PENDING']} prompts to capture again: "
-                                       "starting a producer")
-                start_producer()
-                respawned = time.monotonic()
             if not trainer.alive() and status.state != cpb.RUN_STATE_COMPLETED:
                 raise UpError(f"the trainer stopped before the run completed:\n"
                               f"{trainer.log_tail()}")

@@ -14,8 +14,10 @@ EPILOG = """\
 What it does:
   registers with the coordinator (the run's fingerprint must match this node's tokenizer and
   capture layers), leases prompts, captures EAGLE3 features with the target model, writes them
-  to the feature store and commits their refs. It stops when every prompt is captured, or on
-  SIGTERM / Ctrl-C / the Drain RPC: in-flight work is finished and committed, leases given back.
+  to the feature store and commits their refs. Once every prompt is captured it waits, since a
+  trainer that rolls back or a lost tensor puts prompts back to capture, and it stops when the
+  run ends (or at once with --exit-when-captured). SIGTERM / Ctrl-C / the Drain RPC stop it
+  early: in-flight work is finished and committed, leases given back.
 
 Examples:
   # a CPU node, tiny model, Mooncake master on the control host
@@ -61,6 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token-budget", type=int,
                    default=int(env("DRAFTFLOW_TOKEN_BUDGET", "8192") or 8192),
                    help="most padded tokens in one forward pass (default 8192)")
+    p.add_argument("--exit-when-captured", action="store_true",
+                   default=env("DRAFTFLOW_EXIT_WHEN_CAPTURED", "") not in ("", "0", "false"),
+                   help="stop once every prompt is captured instead of when the run ends; "
+                   "then recaptures need a producer started again [$DRAFTFLOW_EXIT_WHEN_CAPTURED]")
     add_service_flags(p, role="producer", port=50052, metrics_port=9102)
     p.set_defaults(func=_serve)
 
@@ -82,7 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
                                                     .split(","))),
         sglang_max_in_flight=args.sglang_max_in_flight,
         worker=WorkerConfig(run_id=args.run, identity=identity, lease_batch=args.lease_batch,
-                            revision=args.revision),
+                            revision=args.revision, exit_when_captured=args.exit_when_captured),
         coordinator_token=args.token, coordinator_ca=args.tls_ca,
         server=ServerConfig(listen=args.listen, auth_token=args.token, insecure=args.insecure),
         metrics_port=args.metrics_port, metrics_addr=args.metrics_addr,
@@ -102,7 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     failed: BaseException | None = None
     try:
-        # Until the data is exhausted, or SIGTERM/SIGINT asks for a drain.
+        # Until the run ends (or every prompt is captured), or SIGTERM/SIGINT asks for a drain.
         while not stop.is_set() and proc.wait(timeout=0.2) is None:
             pass
     except Exception as exc:

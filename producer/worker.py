@@ -67,6 +67,9 @@ class WorkerConfig:
     store_full_wait_s: float | None = None
     """How long one sample waits for room before its prompt fails (retryably); default: the
     run's lease time. Leases are extended meanwhile."""
+    exit_when_captured: bool = False
+    """Stop once every prompt is captured. By default the producer stays until the run ends,
+    since a trainer that rolls back, or a lost tensor, puts prompts back to capture."""
 
 
 @dataclass
@@ -266,6 +269,7 @@ class Producer:
 
     def _feeder_loop(self) -> None:
         """Lease and prepare batches ahead of the engine, so it never waits on an RPC."""
+        idle = False  # every prompt captured, run still going: logged once per idle spell
         while not self._draining.is_set():
             try:
                 resp = self._call("LeasePrompts", self._stub.LeasePrompts,
@@ -280,12 +284,17 @@ class Producer:
                 self._rejoin(exc.details())
                 continue
             if not resp.leases:
-                if resp.exhausted:
-                    log.info("no prompts left", extra=event("producer_exhausted",
-                                                            run_id=self._cfg.run_id))
+                if resp.run_ended or (resp.exhausted and self._cfg.exit_when_captured):
+                    log.info("no prompts left", extra=event(
+                        "producer_exhausted", run_id=self._cfg.run_id, run_ended=resp.run_ended))
                     return
+                if resp.exhausted and not idle:
+                    log.info("every prompt is captured; waiting for recaptures until the run "
+                             "ends", extra=event("producer_idle", run_id=self._cfg.run_id))
+                idle = resp.exhausted
                 self._draining.wait(max(resp.retry_after_seconds, 0.05))
                 continue
+            idle = False
             now = self._clock()
             items = [_Item(lease=le, expires=now + self._lease_s) for le in resp.leases]
             with self._lock:

@@ -210,14 +210,16 @@ class LeasePromptsRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., max_prompts: _Optional[int] = ...) -> None: ...
 
 class LeasePromptsResponse(_message.Message):
-    __slots__ = ("leases", "retry_after_seconds", "exhausted")
+    __slots__ = ("leases", "retry_after_seconds", "exhausted", "run_ended")
     LEASES_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EXHAUSTED_FIELD_NUMBER: _ClassVar[int]
+    RUN_ENDED_FIELD_NUMBER: _ClassVar[int]
     leases: _containers.RepeatedCompositeFieldContainer[PromptLease]
     retry_after_seconds: float
     exhausted: bool
-    def __init__(self, leases: _Optional[_Iterable[_Union[PromptLease, _Mapping]]] = ..., retry_after_seconds: _Optional[float] = ..., exhausted: _Optional[bool] = ...) -> None: ...
+    run_ended: bool
+    def __init__(self, leases: _Optional[_Iterable[_Union[PromptLease, _Mapping]]] = ..., retry_after_seconds: _Optional[float] = ..., exhausted: _Optional[bool] = ..., run_ended: _Optional[bool] = ...) -> None: ...
 
 class LeaseHandle(_message.Message):
     __slots__ = ("sample_id", "lease_token")

@@ -206,7 +206,8 @@ class Cluster:
 
     # -- starting -----------------------------------------------------------------------------
 
-    def start(self, producers: int = 2, trainer: bool = True) -> None:
+    def start(self, producers: int = 2, trainer: bool = True,
+              exit_when_captured: bool = False) -> None:
         """Everything, in order; returns once the run exists and every role was started."""
         self.start_master()
         if self.holder_mb:
@@ -215,7 +216,7 @@ class Cluster:
         self.start_coordinator()
         self.create_run()
         for i in range(producers):
-            self.start_producer(i)
+            self.start_producer(i, exit_when_captured)
         # Port 0 on the host: the trainer binds a free port itself, so no other process can
         # take it between choosing and binding; inside a namespace the default port is free.
         self.trainer_listen = f"{self.trainer_node.addr}:{50053 if self.trainer_node.prefix else 0}"
@@ -278,13 +279,14 @@ class Cluster:
         return ["--coordinator", self.coordinator_addr, "--run", self.spec.run_id,
                 "--model-path", str(self.target), "--metrics-port", "-1", *self.auth()]
 
-    def start_producer(self, i: int) -> Proc:
+    def start_producer(self, i: int, exit_when_captured: bool = False) -> Proc:
         segment = 0 if self.holder_mb else self.producer_segment_mb
         argv = draftflow_argv(
             "producer", *self._role_args(), "--device", "cpu",
             "--store", self.store_url(self.producer_node, segment), "--lease-batch", "2",
             "--listen",
-            f"{self.producer_node.addr}:{50052 + 10 * i if self.producer_node.prefix else 0}")
+            f"{self.producer_node.addr}:{50052 + 10 * i if self.producer_node.prefix else 0}",
+            *(["--exit-when-captured"] if exit_when_captured else []))
         proc = spawn(f"producer-{i}", argv, self.producer_node, self.log_dir)
         self.procs[f"producer-{i}"] = proc
         return proc

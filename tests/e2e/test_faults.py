@@ -17,8 +17,8 @@ from tests.e2e.conftest import MakeCluster
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 # 36 prompts x 2 epochs = 72 samples: 18 steps of 4, a checkpoint every 2 steps. Faults come
-# early, while producers still have prompts to capture: a producer stops once every prompt is
-# captured, and a later recapture (a rollback, a lost tensor) needs a producer to be running.
+# early, while producers still have prompts to capture. Producers stay until the run ends, so a
+# later recapture (a rollback, a lost tensor) finds one running.
 SPEC = RunSpec(prompts=36, checkpoint_every=2)
 
 
@@ -78,7 +78,7 @@ def test_coordinator_restarted_while_training(make_cluster: MakeCluster, pg_url:
     spec = RunSpec(prompts=40, geometry=Geometry(world=2, micro=1), checkpoint_every=4,
                    high_samples=80, low_samples=40)
     cluster = make_cluster(pg_url, spec, holder_mb=64)
-    cluster.start(producers=2, trainer=False)
+    cluster.start(producers=2, trainer=False, exit_when_captured=True)
     for name in ("producer-0", "producer-1"):
         assert cluster.procs[name].process.wait(timeout=120) == 0, cluster.tails()
     cluster.start_trainer()

@@ -43,6 +43,9 @@ def create_run(stub: Any, model_dir: Path, dataset: list[str], run_id: str = "r1
 
 def make_producer(stub: Any, store: FeatureStore, engine: CaptureEngine, model_dir: Path,
                   run: cpb.Run, **kw: Any) -> Producer:
+    """A producer that stops once every prompt is captured: these runs have no trainer to end
+    them. Pass ``exit_when_captured=False`` to wait for the run's end instead."""
+    kw.setdefault("exit_when_captured", True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return Producer(stub, store, engine, tokenizer, run,
                     WorkerConfig(run_id=run.run_id, identity="test-producer", **kw))

@@ -25,7 +25,7 @@ def _producer_argv(coordinator_port: int, store_url: str) -> list[str]:
     return [sys.executable, "-m", "draftflow", "producer",
             "--coordinator", f"127.0.0.1:{coordinator_port}", "--run", "r1",
             "--store", store_url, "--device", "cpu", "--lease-batch", "2",
-            "--listen", "127.0.0.1:0", "--metrics-port", "-1"]
+            "--listen", "127.0.0.1:0", "--metrics-port", "-1", "--exit-when-captured"]
 
 
 @pytest.mark.slow

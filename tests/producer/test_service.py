@@ -27,7 +27,8 @@ def test_status_drain_health_and_metrics(coordinator, stub, llama_dir: Path) -> 
     proc = ProducerProcess(ProducerConfig(
         coordinator=f"127.0.0.1:{coordinator.port}", run_id=run.run_id,
         store_url=f"memory://svc-{uuid.uuid4().hex[:8]}?store_id=mem", device="cpu",
-        worker=WorkerConfig(run_id=run.run_id, identity="svc-test", lease_batch=2),
+        worker=WorkerConfig(run_id=run.run_id, identity="svc-test", lease_batch=2,
+                            exit_when_captured=True),
         server=ServerConfig(listen="127.0.0.1:0"), metrics_port=0))
     try:
         target = f"127.0.0.1:{proc.port}"

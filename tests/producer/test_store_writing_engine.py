@@ -20,6 +20,7 @@ from producer.engines.base import EngineConfig
 from producer.engines.sglang import SGLangEngine, SGLangOptions
 from producer.features import EAGLE3_TENSORS
 from producer.service import ProducerConfig, ProducerProcess
+from producer.worker import WorkerConfig
 from services.dataset import parse_line, prompt_id
 from services.rpc.server import ServerConfig
 from services.store.memory import MemoryStore
@@ -80,7 +81,8 @@ def test_producer_process_runs_the_sglang_engine(coordinator, stub, llama_dir: P
     proc = ProducerProcess(ProducerConfig(
         coordinator=f"127.0.0.1:{coordinator.port}", run_id=run.run_id,
         store_url=f"memory://{store.name}?store_id=mem", engine="sglang",
-        sglang_urls=(server.url,), server=ServerConfig(listen="127.0.0.1:0")))
+        sglang_urls=(server.url,), server=ServerConfig(listen="127.0.0.1:0"),
+        worker=WorkerConfig(run_id=run.run_id, exit_when_captured=True)))
     try:
         stats = proc.wait(timeout=120)
     finally:

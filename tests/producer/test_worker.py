@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -70,6 +71,64 @@ def test_too_long_row_is_dead_with_its_reason(stub, store, engine, llama_dir: Pa
     assert len(dead) == 1
     assert dead[0]["reason"].startswith(TOO_LONG_REASON)
     assert dead[0]["attempts"] == 1
+
+
+def _producing(producer) -> tuple[threading.Thread, list[ProducerStats]]:  # type: ignore[no-untyped-def]
+    result: list[ProducerStats] = []
+    thread = threading.Thread(target=lambda: result.append(producer.run()), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def _wait(predicate, what: str, timeout_s: float = 60) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_captured_producer_waits_recaptures_and_stops_when_the_run_completes(
+        stub, store, engine, llama_dir: Path) -> None:
+    run = create_run(stub, llama_dir, lines(4))
+    producer = make_producer(stub, store, engine, llama_dir, run, exit_when_captured=False)
+    thread, result = _producing(producer)
+    _wait(lambda: status(stub).prompts.get("CAPTURED", 0) == 4, "the first capture")
+    time.sleep(1.5)  # more than one retry_after: an idle producer keeps waiting
+    assert thread.is_alive() and not result
+    assert [w.identity for w in status(stub).workers] == ["test-producer"]
+
+    # A trainer finds one sample's tensors gone: its prompt goes back to capture.
+    tid = stub.RegisterWorker(cpb.RegisterWorkerRequest(
+        run_id=run.run_id, role=common_pb2.WORKER_ROLE_TRAINER, fingerprint=run.fingerprint,
+        identity="lost-finder")).session_id
+    sample_id = f"{prompt_id(parse_line(lines(1)[0]))}:e0"
+    assert stub.ReportLost(cpb.ReportLostRequest(
+        session_id=tid, sample_id=sample_id, generation=0, reason="test")).recapture
+    stub.UnregisterWorker(cpb.UnregisterWorkerRequest(session_id=tid))
+    _wait(lambda: producer.stats.samples_committed == 5, "the recapture")
+    assert thread.is_alive()
+
+    # Training every step completes the run; the producer sees that and stops.
+    samples = read_all_steps(stub, run, store)
+    assert len(samples) == 4
+    assert {ref.generation for ref, _ in samples if ref.sample_id == sample_id} == {1}
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the producer did not stop when the run completed"
+    assert result[0].samples_committed == 5
+    assert [w for w in status(stub).workers if w.role == common_pb2.WORKER_ROLE_PRODUCER] == []
+
+
+def test_captured_producer_stops_when_the_run_is_cancelled(stub, store, engine,
+                                                           llama_dir: Path) -> None:
+    run = create_run(stub, llama_dir, lines(2))
+    producer = make_producer(stub, store, engine, llama_dir, run, exit_when_captured=False)
+    thread, result = _producing(producer)
+    _wait(lambda: status(stub).prompts.get("CAPTURED", 0) == 2, "the capture")
+    assert thread.is_alive()
+    stub.CancelRun(cpb.CancelRunRequest(run_id=run.run_id, reason="enough"))
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the producer did not stop when the run was cancelled"
+    assert result[0].samples_committed == 2
 
 
 def test_fingerprint_mismatch_is_refused(stub, store, engine, llama_dir: Path) -> None:

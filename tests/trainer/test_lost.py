@@ -80,7 +80,8 @@ def test_lost_sample_is_recaptured_and_trained_in_its_step(
 
         # A real producer recaptures the lost prompt (a new generation) and training goes on.
         producer = Producer(stub, writer, engine, AutoTokenizer.from_pretrained(tiny.target_dir),
-                            run, WorkerConfig(run_id="lost", identity="recapture"))
+                            run, WorkerConfig(run_id="lost", identity="recapture",
+                                                  exit_when_captured=True))
         stats = producer.run()
         assert stats.samples_committed == 1
         answer = saved.result(timeout=120)
