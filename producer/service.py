@@ -21,6 +21,7 @@ from services.metrics import REGISTRY, MetricsInterceptor, serve_metrics
 from services.rpc.client import open_channel
 from services.rpc.server import RunningServer, ServerConfig, create_server
 from services.store import open_store
+from services.store.factory import mooncake_config
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = producer_pb2.DESCRIPTOR.services_by_name["ProducerService"].full_name
@@ -135,6 +136,12 @@ class ProducerProcess:
         run = stub.GetRun(cpb.GetRunRequest(run_id=cfg.run_id)).run
         model_path = cfg.model_path or run.config.target.model_path
         self.store = open_store(cfg.store_url)
+        if cfg.store_url.startswith("mooncake:") and not mooncake_config(cfg.store_url).segment_mb:
+            log.warning(
+                "this producer lends the feature store no memory (segment_mb=0): its samples "
+                "go to other segments, such as a holder's; with none, every write waits for "
+                "room. Add &segment_mb=N to --store to lend N MiB",
+                extra=event("producer_no_segment", store=cfg.store_url))
         self.engine = create_engine(cfg.engine, EngineConfig(
             model_path=model_path, device=cfg.device, dtype=cfg.dtype,
             aux_layer_ids=tuple(run.config.capture.aux_layer_ids) or None,

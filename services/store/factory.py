@@ -7,10 +7,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 from services.errors import InvalidArgument
 from services.store.base import FeatureStore
+
+if TYPE_CHECKING:
+    from services.store.mooncake import MooncakeConfig
 
 _MEMORY_PARAMS = {"store_id", "capacity_mb", "verify"}
 _MOONCAKE_PARAMS = {
@@ -64,23 +68,32 @@ def open_store(url: str) -> FeatureStore:
             verify=_bool(params, "verify", True),
         )
     if parts.scheme == "mooncake":
-        from services.store.mooncake import MooncakeConfig, MooncakeStore
+        from services.store.mooncake import MooncakeStore
 
-        params = _params(url, _MOONCAKE_PARAMS)
-        if not parts.netloc:
-            raise InvalidArgument(f"store url {url!r}: give the master, mooncake://HOST:PORT")
-        config = MooncakeConfig(
-            master=parts.netloc,
-            store_id=params.get("store_id") or "draftflow",
-            local_host=params.get("local") or "127.0.0.1",
-            metadata=params.get("metadata") or "P2PHANDSHAKE",
-            protocol=params.get("protocol") or "tcp",
-            device=params.get("device", ""),
-            segment_mb=_int(params, "segment_mb", 0),
-            buffer_mb=_int(params, "buffer_mb", 256),
-            placement=params.get("placement") or "local",
-            verify=_bool(params, "verify", True),
-            retries=_int(params, "retries", 3),
-        )
-        return MooncakeStore(config)
+        return MooncakeStore(mooncake_config(url))
     raise InvalidArgument(f"store url {url!r}: scheme must be memory:// or mooncake://")
+
+
+def mooncake_config(url: str) -> MooncakeConfig:
+    """The settings a ``mooncake://`` store URL names, validated; nothing is opened."""
+    from services.store.mooncake import MooncakeConfig
+
+    parts = urlsplit(url)
+    if parts.scheme != "mooncake":
+        raise InvalidArgument(f"store url {url!r}: not a mooncake:// URL")
+    params = _params(url, _MOONCAKE_PARAMS)
+    if not parts.netloc:
+        raise InvalidArgument(f"store url {url!r}: give the master, mooncake://HOST:PORT")
+    return MooncakeConfig(
+        master=parts.netloc,
+        store_id=params.get("store_id") or "draftflow",
+        local_host=params.get("local") or "127.0.0.1",
+        metadata=params.get("metadata") or "P2PHANDSHAKE",
+        protocol=params.get("protocol") or "tcp",
+        device=params.get("device", ""),
+        segment_mb=_int(params, "segment_mb", 0),
+        buffer_mb=_int(params, "buffer_mb", 256),
+        placement=params.get("placement") or "local",
+        verify=_bool(params, "verify", True),
+        retries=_int(params, "retries", 3),
+    )

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from services.config import load_run_config
+from services.store.factory import mooncake_config
 from services.store.mooncake_proc import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -261,9 +262,21 @@ def test_store_url_names_the_master_and_each_workers_own_host(profile: str) -> N
     rpc_port = _flag_eq(services["mooncake-master"]["command"], "--rpc_port")
     for name in CPU_SERVICES if profile == "cpu" else GPU_SERVICES:
         svc = services[name]
-        assert svc["environment"]["DRAFTFLOW_STORE"] == (
-            f"mooncake://mooncake-master:{rpc_port}?local={svc['hostname']}"
-            "&metadata=P2PHANDSHAKE")
+        url = svc["environment"]["DRAFTFLOW_STORE"]
+        base = (f"mooncake://mooncake-master:{rpc_port}?local={svc['hostname']}"
+                "&metadata=P2PHANDSHAKE")
+        if name.startswith("producer"):
+            # Nothing else lends the pool memory: without a segment every write waits forever.
+            default_mb = 1024 if profile == "cpu" else 16384
+            assert url == f"{base}&segment_mb={default_mb}"
+            assert mooncake_config(url).segment_mb == default_mb
+        else:
+            assert url == base
+
+
+def test_producer_segment_size_is_a_setting() -> None:
+    services = resolved("gpu", DRAFTFLOW_PRODUCER_SEGMENT_MB="4096")["services"]
+    assert services["producer"]["environment"]["DRAFTFLOW_STORE"].endswith("&segment_mb=4096")
 
 
 def _flag_eq(command: list[str], name: str) -> str:
