@@ -225,12 +225,17 @@ class Coordinator:
     # ------------------------------------------------------------ sessions
 
     def register_worker(
-        self, run_id: str, role: int, fingerprint: str, identity: str
+        self, run_id: str, role: int, fingerprint: str, identity: str, trainer_group: str = ""
     ) -> cpb.RegisterWorkerResponse:
         validate.run_id(run_id)
         if role not in ROLE_NAMES:
             raise InvalidArgument("role: must be WORKER_ROLE_PRODUCER or WORKER_ROLE_TRAINER")
         validate.required(fingerprint, "fingerprint")
+        if len(trainer_group) > 64:
+            raise InvalidArgument(
+                f"trainer_group: at most 64 characters, got {len(trainer_group)}")
+        if trainer_group and ROLE_NAMES[role] != "TRAINER":
+            raise InvalidArgument("trainer_group: only trainers belong to a trainer group")
         now = self.clock()
         with self.engine.begin() as conn:
             row = self._run_row(conn, run_id)
@@ -244,10 +249,13 @@ class Coordinator:
                 )
             config = self._config(row)
             session_id = uuid.uuid4().hex
+            superseded = 0
+            if trainer_group and trainer_group != row.trainer_group:
+                superseded = self._supersede(conn, run_id, trainer_group)
             conn.execute(insert(SESSIONS).values(
                 session_id=session_id, run_id=run_id, role=ROLE_NAMES[role],
                 identity=identity[:512], state="ACTIVE", created_at=now, last_heartbeat=now,
-                expires_at=now + self._session_ttl(config),
+                expires_at=now + self._session_ttl(config), trainer_group=trainer_group or None,
             ))
             resp = cpb.RegisterWorkerResponse(
                 session_id=session_id,
@@ -259,8 +267,23 @@ class Coordinator:
             )
         log.info("worker registered", extra=event(
             "worker_registered", run_id=run_id, session_id=session_id,
-            role=ROLE_NAMES[role], identity=identity))
+            role=ROLE_NAMES[role], identity=identity, trainer_group=trainer_group))
+        if superseded:
+            log.warning("a new trainer group replaced the old one", extra=event(
+                "trainer_group_superseded", run_id=run_id, trainer_group=trainer_group,
+                sessions=superseded))
         return resp
+
+    @staticmethod
+    def _supersede(conn: Connection, run_id: str, trainer_group: str) -> int:
+        """Make ``trainer_group`` the run's group; refuse every session of older groups."""
+        conn.execute(update(RUNS).where(RUNS.c.run_id == run_id)
+                     .values(trainer_group=trainer_group))
+        return conn.execute(update(SESSIONS).where(
+            SESSIONS.c.run_id == run_id,
+            SESSIONS.c.role == "TRAINER", SESSIONS.c.state == "ACTIVE",
+            SESSIONS.c.trainer_group.is_not(None),
+            SESSIONS.c.trainer_group != trainer_group).values(state="SUPERSEDED")).rowcount
 
     def heartbeat(self, session_id: str) -> bool:
         now = self.clock()
@@ -462,6 +485,7 @@ class Coordinator:
         size = geo.world_size * geo.micro_batch * geo.accumulation
         per_rank = geo.micro_batch * geo.accumulation
         with self.engine.begin() as conn:
+            self._session(conn, sess.session_id)  # still ours: not expired or superseded
             run = self._run_row(conn, sess.run_id)
             if run.state == "CANCELLED":
                 return Delivery("END", step)
@@ -701,6 +725,11 @@ class Coordinator:
         if row is None:
             raise NotFound(f"session {session_id!r} does not exist; register the worker first")
         state = "EXPIRED" if row.state == "ACTIVE" and row.expires_at < self.clock() else row.state
+        if state == "SUPERSEDED":
+            raise FailedPrecondition(
+                f"session {session_id!r} belongs to trainer group {row.trainer_group!r}, which a "
+                "newer trainer group of this run replaced; stop this trainer (the new group "
+                "resumes from the last checkpoint)")
         if state != "ACTIVE":
             raise FailedPrecondition(
                 f"session {session_id!r} is {state.lower()}; register again")

@@ -67,6 +67,8 @@ class RunRow(Base):
     final_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
     """Set when the data ran out: the last step that will ever be assigned."""
     dropped_tail: Mapped[int] = mapped_column(Integer, default=0)
+    trainer_group: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """The trainer group that trains this run now; sessions of older groups are superseded."""
 
 
 class BadRowRow(Base):
@@ -135,10 +137,12 @@ class SessionRow(Base):
     role: Mapped[str] = mapped_column(String(16))
     identity: Mapped[str] = mapped_column(Text, default="")
     state: Mapped[str] = mapped_column(String(16))
-    """ACTIVE, EXPIRED or CLOSED."""
+    """ACTIVE, EXPIRED, CLOSED, or SUPERSEDED (a trainer whose group a newer one replaced)."""
     created_at: Mapped[float] = mapped_column(Float)
     last_heartbeat: Mapped[float] = mapped_column(Float)
     expires_at: Mapped[float] = mapped_column(Float)
+    trainer_group: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """Trainers: the group (one launch of all ranks) this session belongs to."""
 
 
 class StepRow(Base):

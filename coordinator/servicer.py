@@ -39,7 +39,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def RegisterWorker(self, request: cpb.RegisterWorkerRequest, context: grpc.ServicerContext
                        ) -> cpb.RegisterWorkerResponse:
         return self.c.register_worker(request.run_id, request.role, request.fingerprint,
-                                      request.identity)
+                                      request.identity, request.trainer_group)
 
     def Heartbeat(self, request: cpb.HeartbeatRequest, context: grpc.ServicerContext
                   ) -> cpb.HeartbeatResponse:

@@ -113,6 +113,12 @@ def _train(args: argparse.Namespace) -> int:
         signal.signal(sig, on_signal)
     try:
         step = runner.run()
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+            raise
+        # The coordinator refuses this group (superseded, expired, cancelled): say why, briefly.
+        raise SystemExit(f"draftflow trainer: rank {runner.dist.rank}: the coordinator "
+                         f"refused: {exc.details()}") from None
     finally:
         if server is not None:
             server.stop()

@@ -17,6 +17,7 @@ import shutil
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, InvalidStateError, wait
 from dataclasses import dataclass, field
@@ -225,7 +226,7 @@ class CoordinatorRunner:
         rank = self.dist.rank
         identity = f"{socket.gethostname()}:{os.getpid()}:rank{rank}"
         self.session = CoordinatorSession(cfg.coordinator, cfg.run_id, cfg.token, cfg.tls_ca,
-                                          identity)
+                                          identity, trainer_group=self._group_id())
         self.run_info = self.session.get_run()
         self.model_path = cfg.model_path or self.run_info.config.target.model_path
         reg = self.session.register(local_fingerprint(self.run_info, self.model_path, cfg.revision))
@@ -259,6 +260,13 @@ class CoordinatorRunner:
         self._steps: _Interruptible | None = None
         self._committer = _Committer(on_error=self._commit_failed)
         self._resume(reg.last_checkpoint_step, reg.last_checkpoint_uri)
+
+    def _group_id(self) -> str:
+        """One id for every rank of this launch (rank 0's): registering it fences older groups."""
+        box: list[object] = [uuid.uuid4().hex]
+        if self.dist.is_distributed:
+            dist.broadcast_object_list(box, src=0)
+        return str(box[0])
 
     # -- resume -------------------------------------------------------------------------------
 

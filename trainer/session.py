@@ -72,8 +72,10 @@ class CoordinatorSession:
     """
 
     def __init__(self, address: str, run_id: str, token: str | None = None,
-                 tls_ca: str | None = None, identity: str = "trainer") -> None:
+                 tls_ca: str | None = None, identity: str = "trainer",
+                 trainer_group: str = "") -> None:
         self.address, self.run_id, self.identity = address, run_id, identity
+        self.trainer_group = trainer_group
         self._channel = open_channel(address, token, tls_ca)
         self.stub: Any = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
         self.session_id = ""
@@ -94,7 +96,7 @@ class CoordinatorSession:
         try:
             resp = self.stub.RegisterWorker(cpb.RegisterWorkerRequest(
                 run_id=self.run_id, role=common_pb2.WORKER_ROLE_TRAINER, fingerprint=fingerprint,
-                identity=self.identity))
+                identity=self.identity, trainer_group=self.trainer_group))
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 raise RegistrationRefused(exc.details()) from None
@@ -107,7 +109,8 @@ class CoordinatorSession:
         self._heartbeat.start()
         log.info("trainer registered", extra=event(
             "trainer_registered", run_id=self.run_id, session_id=self.session_id,
-            identity=self.identity, last_checkpoint_step=resp.last_checkpoint_step))
+            identity=self.identity, trainer_group=self.trainer_group,
+            last_checkpoint_step=resp.last_checkpoint_step))
         return resp
 
     def _beat(self, interval: float) -> None:

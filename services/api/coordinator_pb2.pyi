@@ -130,16 +130,18 @@ class CancelRunResponse(_message.Message):
     def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
-    __slots__ = ("run_id", "role", "fingerprint", "identity")
+    __slots__ = ("run_id", "role", "fingerprint", "identity", "trainer_group")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_GROUP_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     role: _common_pb2.WorkerRole
     fingerprint: str
     identity: str
-    def __init__(self, run_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., fingerprint: _Optional[str] = ..., identity: _Optional[str] = ...) -> None: ...
+    trainer_group: str
+    def __init__(self, run_id: _Optional[str] = ..., role: _Optional[_Union[_common_pb2.WorkerRole, str]] = ..., fingerprint: _Optional[str] = ..., identity: _Optional[str] = ..., trainer_group: _Optional[str] = ...) -> None: ...
 
 class RegisterWorkerResponse(_message.Message):
     __slots__ = ("session_id", "heartbeat_interval_seconds", "run", "last_committed_step", "last_checkpoint_step", "last_checkpoint_uri")

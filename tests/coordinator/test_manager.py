@@ -414,6 +414,68 @@ def test_resume_from_checkpoint_replays_same_steps_and_recaptures_freed(
     assert [r.sample_id for r in coord.deliver(sess2, 0, 4, 2).refs] == bundles[4]
 
 
+def group_rank(c: Coordinator, config: run_pb2.RunConfig, group: str, rank: int) -> str:
+    return c.register_worker("r1", TRAINER, h.fingerprint(config), f"{group}:rank{rank}",
+                             group).session_id
+
+
+def test_a_new_trainer_group_fences_the_old_one(coord: Coordinator) -> None:
+    cfg = make_run(coord, n=8, world=2)
+    capture_all(coord, producer(coord, cfg))
+    old = [group_rank(coord, cfg, "old", rank) for rank in range(2)]  # same group: no fencing
+    streams = [coord.open_stream(sid, rank, 1) for rank, sid in enumerate(old)]
+    for rank, sess in enumerate(streams):
+        assert coord.deliver(sess, rank, 1, 1).kind == "READY"
+    coord.commit_step(old[0], 1, 0.5)
+    coord.commit_checkpoint(old[0], 1, "file:///ckpt/1")
+    for rank, sess in enumerate(streams):
+        assert coord.deliver(sess, rank, 2, 1).kind == "READY"
+
+    # The old group hangs (alive, still heartbeating); a new launch takes over the run.
+    new = [group_rank(coord, cfg, "new", rank) for rank in range(2)]
+    superseded = "belongs to trainer group 'old', which a newer trainer group"
+    for call in (lambda: coord.commit_step(old[0], 2, 0.5),
+                 lambda: coord.commit_checkpoint(old[0], 1, "file:///ckpt/1"),
+                 lambda: coord.heartbeat(old[1]),
+                 lambda: coord.deliver(streams[1], 1, 2, 1),
+                 lambda: coord.report_lost(old[0], "x:e0", 0, "gone")):
+        with pytest.raises(FailedPrecondition, match=superseded):
+            call()
+    assert coord.run_status("r1").last_committed_step == 1  # nothing the old group did landed
+    assert sorted(w.identity for w in coord.run_status("r1").workers
+                  if w.role == TRAINER) == ["new:rank0", "new:rank1"]
+    resumed = [coord.open_stream(sid, rank, 2, resume=True) for rank, sid in enumerate(new)]
+    for rank, sess in enumerate(resumed):
+        assert coord.deliver(sess, rank, 2, 1).kind == "READY"
+    coord.commit_step(new[0], 2, 0.4)
+    assert coord.run_status("r1").last_committed_step == 2
+    # A late rank of the new group joins without fencing its own group.
+    late = group_rank(coord, cfg, "new", 1)
+    coord.heartbeat(new[1])
+    coord.heartbeat(late)
+
+
+def test_sessions_without_a_group_neither_fence_nor_are_fenced(coord: Coordinator) -> None:
+    cfg = make_run(coord, n=2)
+    tool = trainer(coord, cfg)
+    group_rank(coord, cfg, "g1", 0)
+    group_rank(coord, cfg, "g2", 0)
+    assert coord.heartbeat(tool)
+    assert len([w for w in coord.run_status("r1").workers if w.role == TRAINER]) == 2
+
+
+@pytest.mark.parametrize(("role", "group", "message"), [
+    (TRAINER, "g" * 65, "trainer_group: at most 64 characters, got 65"),
+    (PRODUCER, "g1", "trainer_group: only trainers belong to a trainer group"),
+])
+def test_bad_trainer_group_is_refused(coord: Coordinator, role: int, group: str,
+                                      message: str) -> None:
+    cfg = make_run(coord, n=2)
+    with pytest.raises(InvalidArgument, match=message):
+        coord.register_worker("r1", role, h.fingerprint(cfg), "w", group)
+    assert coord.run_status("r1").workers == []
+
+
 def test_report_lost_recaptures_then_dies_after_max_deliveries(coord: Coordinator) -> None:
     cfg = make_run(coord, n=2, max_deliveries=2)
     pid = producer(coord, cfg)

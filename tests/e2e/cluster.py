@@ -70,6 +70,8 @@ class RunSpec:
     # injected once training has started still finds work on both sides.
     high_samples: int = 8
     low_samples: int = 4
+    # Missed 1 s heartbeats before a session expires: it outlives a coordinator restart.
+    heartbeat_misses: int = 30
 
     @property
     def samples(self) -> int:
@@ -96,7 +98,8 @@ def write_run_config(directory: Path, target: Path, spec: RunSpec) -> Path:
         "training": {"learning_rate": 1e-3, "checkpoint_every": spec.checkpoint_every},
         # Leases of a killed producer come back after 6 s; sessions outlive a coordinator
         # restart of several seconds (30 missed heartbeats), as they would in production.
-        "lease": {"lease_seconds": 6, "heartbeat_seconds": 1, "heartbeat_misses": 30},
+        "lease": {"lease_seconds": 6, "heartbeat_seconds": 1,
+                  "heartbeat_misses": spec.heartbeat_misses},
         "watermark": {"high_samples": spec.high_samples, "low_samples": spec.low_samples,
                       "retry_after_seconds": 0.2},
     }

@@ -5,7 +5,10 @@ surviving weights)."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
+import signal
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -28,10 +31,11 @@ def started(make_cluster: MakeCluster, pg_url: str) -> Cluster:
     return cluster
 
 
-def finish(cluster: Cluster, pg_url: str, before: dict[int, frozenset[str]]) -> None:
+def finish(cluster: Cluster, pg_url: str, before: dict[int, frozenset[str]],
+           spec: RunSpec = SPEC) -> None:
     status = cluster.wait_done()
-    check_accounting(pg_url, SPEC, status, cluster.out_dir)
-    after = step_composition(pg_url, SPEC.run_id)
+    check_accounting(pg_url, spec, status, cluster.out_dir)
+    after = step_composition(pg_url, spec.run_id)
     assert before, "the fault came before any step was assigned"
     assert {step: after[step] for step in before} == before
 
@@ -71,6 +75,48 @@ def test_trainer_killed_and_restarted(make_cluster: MakeCluster, pg_url: str) ->
     assert done, restarted.tail()
     assert int(done.group(1)) == SPEC.final_step
     assert int(done.group(2)) == SPEC.final_step - resume_from
+
+
+def session_states(pg_url: str) -> dict[str, int]:
+    engine = create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            return dict(conn.execute(text(
+                "SELECT state, COUNT(*) FROM sessions WHERE run_id = :r AND role = 'TRAINER' "
+                "GROUP BY state"), {"r": SPEC.run_id}).all())
+    finally:
+        engine.dispose()
+
+
+def test_a_second_trainer_group_fences_the_first(make_cluster: MakeCluster, pg_url: str) -> None:
+    # Sessions outlive the pause below by far: the old group is refused because a newer group
+    # replaced it, not because it went quiet.
+    spec = dataclasses.replace(SPEC, heartbeat_misses=300)
+    cluster = make_cluster(pg_url, spec, holder_mb=64)
+    cluster.start(producers=0)
+    wait_for(lambda: session_states(pg_url).get("ACTIVE", 0) == 2, 120, "the trainer ranks")
+    producers = [cluster.start_producer(i) for i in range(2)]
+    cluster.wait_step(spec.checkpoint_every + 1)
+    # Starve the old group (it cannot reach the end of the data), then hang it: it is alive
+    # and registered, and would commit again if woken.
+    for proc in producers:
+        os.killpg(proc.process.pid, signal.SIGSTOP)
+    old = cluster.procs.pop("trainer")
+    cluster.crashed.append(old)  # its exit is the point of the test, not a failure
+    os.killpg(old.process.pid, signal.SIGSTOP)
+    try:
+        assert cluster.status()["state"] == "RUN_STATE_ACTIVE"
+        before = step_composition(pg_url, spec.run_id)
+        cluster.start_trainer()
+        wait_for(lambda: session_states(pg_url).get("SUPERSEDED", 0) == 2, 120,
+                 "the new group to replace the old one")
+    finally:
+        for proc in [old, *producers]:
+            os.killpg(proc.process.pid, signal.SIGCONT)
+    # Woken up, the old group is refused at its next call and stops; it commits nothing.
+    assert old.process.wait(timeout=120) != 0, old.tail()
+    assert "which a newer trainer group of this run replaced" in old.log(), old.tail()
+    finish(cluster, pg_url, before, spec)
 
 
 def test_coordinator_restarted_while_training(make_cluster: MakeCluster, pg_url: str) -> None:

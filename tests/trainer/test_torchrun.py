@@ -65,11 +65,14 @@ def test_two_ranks_stream_disjoint_slices_and_match_one_rank(
             f.stop()
         writer.close()
 
-    # Each rank had a session of its own and together they covered every sample once.
+    # Each rank had a session of its own, in one trainer group (so neither fenced the other),
+    # and together they covered every sample once.
     with coordinator.engine.connect() as conn:
-        identities = conn.execute(select(SessionRow.identity).where(
-            SessionRow.run_id == "two", SessionRow.role == "TRAINER")).scalars().all()
-    assert sorted(i.rsplit(":", 1)[1] for i in identities) == ["rank0", "rank1"]
+        sessions = conn.execute(select(SessionRow.identity, SessionRow.trainer_group).where(
+            SessionRow.run_id == "two", SessionRow.role == "TRAINER")).all()
+    assert sorted(s.identity.rsplit(":", 1)[1] for s in sessions) == ["rank0", "rank1"]
+    groups = {s.trainer_group for s in sessions}
+    assert len(groups) == 1 and len(groups.pop() or "") == 32
     rows = samples(coordinator, "two")
     assert sorted((r.step, r.slot) for r in rows) == [
         (s, k) for s in range(1, STEPS + 1) for k in range(4)]
