@@ -504,12 +504,16 @@ class Coordinator:
                         RUNS.c.run_id == sess.run_id)).scalar_one()
                     self._maybe_complete(conn, sess.run_id)
                     return Delivery("END", step, dropped=dropped)
-            rows = conn.execute(
-                select(S.c.sample_state, S.c.ref).where(
-                    S.c.run_id == sess.run_id, S.c.step == step,
-                    S.c.slot >= rank * per_rank, S.c.slot < (rank + 1) * per_rank)
-                .order_by(S.c.slot)
-            ).all()
+            lo, hi = rank * per_rank, (rank + 1) * per_rank
+            rows = self._slice(conn, sess.run_id, step, lo, hi)
+            if any(r.sample_state == SampleState.DEAD for r in rows):
+                filled = q.refill_dead_slots(conn, sess.run_id, step, lo, hi)
+                rows = self._slice(conn, sess.run_id, step, lo, hi)
+                if filled:
+                    log.warning("dead samples replaced in an assigned step", extra=event(
+                        "dead_refilled", run_id=sess.run_id, step=step, rank=rank))
+                elif q.more_can_come(conn, sess.run_id):
+                    return Delivery("WAIT", step)  # a replacement is still being captured
         if any(r.sample_state == SampleState.LOST for r in rows):
             return Delivery("WAIT", step)
         refs = []
@@ -520,6 +524,13 @@ class Coordinator:
             ref.ParseFromString(r.ref)
             refs.append(ref)
         return Delivery("READY", step, refs)
+
+    @staticmethod
+    def _slice(conn: Connection, run_id: str, step: int, lo: int, hi: int) -> list[Row]:
+        return list(conn.execute(
+            select(S.c.sample_state, S.c.ref).where(
+                S.c.run_id == run_id, S.c.step == step, S.c.slot >= lo, S.c.slot < hi)
+            .order_by(S.c.slot)).all())
 
     def commit_step(self, session_id: str, step: int, loss: float) -> list[common_pb2.SampleRef]:
         now = self.clock()

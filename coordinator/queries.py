@@ -137,6 +137,33 @@ def assign_step(conn: Connection, run_id: str, step: int, size: int, now: float)
     return "ASSIGNED"
 
 
+def refill_dead_slots(conn: Connection, run_id: str, step: int, first_slot: int,
+                      end_slot: int) -> bool:
+    """Give each DEAD sample in slots [first_slot, end_slot) of ``step`` a READY replacement.
+
+    A sample that died after its step was assigned would leave its rank a short slice, which
+    no trainer can train. The replacement takes the dead sample's slot; the dead sample leaves
+    the step. Returns False while a slot is still DEAD (no READY sample to take). The run row
+    is locked first, as in ``assign_step``, so two coordinators never hand out one sample twice.
+    """
+    conn.execute(select(RUNS.c.run_id).where(RUNS.c.run_id == run_id).with_for_update())
+    dead = conn.execute(
+        select(S.c.id, S.c.slot).where(
+            S.c.run_id == run_id, S.c.step == step, S.c.sample_state == SampleState.DEAD,
+            S.c.slot >= first_slot, S.c.slot < end_slot).order_by(S.c.slot)
+    ).all()
+    spare = conn.execute(
+        select(S.c.id).where(S.c.run_id == run_id, S.c.sample_state == SampleState.READY,
+                             S.c.step.is_(None))
+        .order_by(S.c.committed_at, S.c.id).limit(len(dead))
+    ).scalars().all()
+    for (dead_id, slot), spare_id in zip(dead, spare, strict=False):
+        conn.execute(update(S).where(S.c.id == dead_id).values(step=None, slot=None))
+        conn.execute(update(S).where(S.c.id == spare_id).values(
+            sample_state=SampleState.ASSIGNED, step=step, slot=slot))
+    return len(spare) == len(dead)
+
+
 def rollback_to(conn: Connection, run_id: str, checkpoint: int) -> None:
     """Undo commits after ``checkpoint``: same step composition, freed tensors recaptured."""
     conn.execute(update(STEPS).where(STEPS.c.run_id == run_id, STEPS.c.step > checkpoint)

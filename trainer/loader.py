@@ -163,8 +163,9 @@ class CoordinatorSteps:
                 raise RuntimeError(
                     f"step {msg.step}: the coordinator delivered {len(msg.refs)} of "
                     f"{self.geometry.per_rank} samples for rank {self.rank}; the others went "
-                    "DEAD after repeated losses (see `draftflow status`). Raise "
-                    "lease.max_deliveries or fix the feature store, then restart the trainer")
+                    "DEAD after repeated losses and the data ran out before a captured sample "
+                    "could take their place (see `draftflow status`). Raise "
+                    "lease.max_deliveries or fix the feature store, then start a new run")
             slot = self._free.get()
             if slot < 0 or self._stop.is_set():
                 return msg.step, True

@@ -476,6 +476,36 @@ def test_bad_trainer_group_is_refused(coord: Coordinator, role: int, group: str,
     assert coord.run_status("r1").workers == []
 
 
+def test_dead_slot_waits_for_a_capture_then_is_refilled(coord: Coordinator) -> None:
+    cfg = make_run(coord, n=3, world=1, micro=2, max_deliveries=1)
+    pid = producer(coord, cfg)
+    leases = coord.lease_prompts(pid, 3).leases
+    coord.commit_samples(pid, [h.commit(le, "r1") for le in leases[:2]])
+    tid = trainer(coord, cfg)
+    sess = coord.open_stream(tid, 0, 1)
+    refs = coord.deliver(sess, 0, 1, 1).refs
+    assert not coord.report_lost(tid, refs[1].sample_id, 0, "corrupt")  # dead at once
+    # The third prompt is still leased: wait for it rather than hand out a short slice.
+    assert coord.deliver(sess, 0, 1, 1).kind == "WAIT"
+    coord.commit_samples(pid, [h.commit(leases[2], "r1")])
+    again = coord.deliver(sess, 0, 1, 1).refs
+    assert [r.sample_id for r in again] == [refs[0].sample_id, leases[2].sample_id]
+    coord.commit_step(tid, 1, 0.0)
+    _, samples = counts(coord)
+    assert samples == {"TRAINED": 2, "DEAD": 1}
+
+
+def test_dead_slot_with_nothing_left_gives_a_short_slice(coord: Coordinator) -> None:
+    cfg = make_run(coord, n=2, world=1, micro=2, max_deliveries=1)
+    capture_all(coord, producer(coord, cfg))
+    tid = trainer(coord, cfg)
+    sess = coord.open_stream(tid, 0, 1)
+    refs = coord.deliver(sess, 0, 1, 1).refs
+    assert not coord.report_lost(tid, refs[0].sample_id, 0, "corrupt")
+    short = coord.deliver(sess, 0, 1, 1)
+    assert short.kind == "READY" and [r.sample_id for r in short.refs] == [refs[1].sample_id]
+
+
 def test_report_lost_recaptures_then_dies_after_max_deliveries(coord: Coordinator) -> None:
     cfg = make_run(coord, n=2, max_deliveries=2)
     pid = producer(coord, cfg)
@@ -494,8 +524,12 @@ def test_report_lost_recaptures_then_dies_after_max_deliveries(coord: Coordinato
     assert coord.deliver(sess, 0, 1, 1).refs[0].generation == 1
     assert not coord.report_lost(tid, ref.sample_id, 1, "corrupt")
     assert counts(coord)[1]["DEAD"] == 1
-    assert coord.deliver(sess, 0, 1, 1).refs == []
+    # The other captured sample takes the dead one's slot: the step stays full.
+    spare = coord.deliver(sess, 0, 1, 1).refs
+    assert [r.sample_id for r in spare] != [ref.sample_id] and len(spare) == 1
+    assert [r.sample_id for r in coord.deliver(sess, 0, 1, 1).refs] == [spare[0].sample_id]
     coord.commit_step(tid, 1, 0.0)
+    assert coord.deliver(sess, 0, 2, 1).kind == "END"  # the spare was the last sample
     with pytest.raises(FailedPrecondition, match="generation"):
         coord.report_lost(tid, ref.sample_id, 5, "x")
     with pytest.raises(NotFound):

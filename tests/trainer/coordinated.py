@@ -28,7 +28,8 @@ S, STEPS = SampleRow.__table__, StepRow.__table__
 
 def create_run(stub: Any, tiny: Any, n: int, run_id: str, world_size: int = 1,
                micro_batch: int = 2, accumulation: int = 1, checkpoint_every: int = 5,
-               lease_seconds: float = 30) -> tuple[cpb.Run, dict[str, dict[str, torch.Tensor]]]:
+               lease_seconds: float = 30, max_deliveries: int = 3,
+               ) -> tuple[cpb.Run, dict[str, dict[str, torch.Tensor]]]:
     """A run over the first ``n`` example rows whose features are ``tiny.train[:n]``.
 
     Returns the run and the features each prompt id stands for (what a producer writes).
@@ -44,7 +45,7 @@ def create_run(stub: Any, tiny: Any, n: int, run_id: str, world_size: int = 1,
         "training": {"learning_rate": 3e-3, "warmup_steps": 3,
                      "checkpoint_every": checkpoint_every, "seed": 7, "max_grad_norm": 0.5},
         "lease": {"lease_seconds": lease_seconds, "heartbeat_seconds": 1.0,
-                  "heartbeat_misses": 5},
+                  "heartbeat_misses": 5, "max_deliveries": max_deliveries},
         "watermark": {"high_samples": 0, "low_samples": 0},
     })
     facts = describe_run(tiny.target_dir, cfg, rows)

@@ -112,3 +112,39 @@ def test_lost_sample_is_recaptured_and_trained_in_its_step(
     assert runner.status.samples_lost == 1
     st = status(stub, "lost")
     assert (st.last_committed_step, st.last_checkpoint_step) == (STEPS, STEPS)
+
+
+def test_sample_lost_too_often_is_replaced_and_training_goes_on(
+        tiny, coordinator, stub, master, tmp_path: Path) -> None:
+    n = STEPS * PER_STEP + 1  # one sample to spare
+    run, features = create_run(stub, tiny, n, "dead", checkpoint_every=100, max_deliveries=1)
+    writer = open_store(store_url(master, "dead", segment_mb=64, buffer_mb=16))
+    feeder = Feeder(stub, writer, run, features)
+    try:
+        feeder.feed(n)
+        feeder.stop()
+        with coordinator.engine.connect() as conn:
+            row = conn.execute(select(SampleRow.__table__).where(SampleRow.run_id == "dead")
+                               .order_by(SampleRow.id)).all()[PER_STEP]  # lands in step 2
+        victim = common_pb2.SampleRef.FromString(row.ref)
+        writer.remove([t.key for t in victim.tensors])
+
+        runner = make_runner(coordinator, "dead", store_url(master, "dead", buffer_mb=16),
+                             tmp_path / "out", export=False)
+        try:
+            # One loss is all max_deliveries allows: the sample dies and the spare takes its
+            # slot, so step 2 is still full and training reaches the end.
+            assert runner.run() == STEPS
+            assert runner.status.samples_lost == 1
+        finally:
+            runner.close()
+    finally:
+        writer.close()
+    rows = samples(coordinator, "dead")
+    dead = [r for r in rows if r.sample_state == "DEAD"]
+    assert [r.sample_id for r in dead] == [victim.sample_id] and dead[0].step is None
+    trained = [r for r in rows if r.step is not None]
+    assert sorted((r.step, r.slot) for r in trained) == [
+        (s, k) for s in range(1, STEPS + 1) for k in range(PER_STEP)]
+    assert victim.sample_id not in {r.sample_id for r in trained}
+    assert status(stub, "dead").last_committed_step == STEPS
