@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from coordinator.errors import InvalidArgument
 from coordinator.manager import Coordinator
 from services.api import coordinator_pb2 as cpb
 from services.api import coordinator_pb2_grpc
@@ -22,6 +23,24 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                   ) -> cpb.CreateRunResponse:
         return self.c.create_run(request.run_id, request.config, list(request.dataset_lines),
                                  request.vocab_map)
+
+    def CreateRunStream(self, request_iterator: Iterator[cpb.CreateRunStreamRequest],
+                        context: grpc.ServicerContext) -> cpb.CreateRunStreamResponse:
+        first: cpb.CreateRunStreamRequest | None = None
+        lines: list[str] = []
+        for number, part in enumerate(request_iterator, start=1):
+            if first is None:
+                first = part
+            elif part.run_id or part.HasField("config") or part.HasField("vocab_map"):
+                raise InvalidArgument(
+                    f"message {number}: only the first message names the run (run_id, config, "
+                    "vocab_map); send dataset_lines alone after it")
+            lines.extend(part.dataset_lines)
+        if first is None:
+            raise InvalidArgument("the stream was empty; send run_id, config and vocab_map first")
+        done = self.c.create_run(first.run_id, first.config, lines, first.vocab_map)
+        return cpb.CreateRunStreamResponse(run=done.run, bad_rows=done.bad_rows,
+                                           duplicate_prompts=done.duplicate_prompts)
 
     def GetRun(self, request: cpb.GetRunRequest, context: grpc.ServicerContext
                ) -> cpb.GetRunResponse:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,33 @@ def create_run_request(config_path: str | Path, model_path: str | Path | None = 
                                 vocab_map=facts.vocab_map)
 
 
+STREAM_CHUNK_BYTES = 4 << 20
+"""Dataset bytes per message of a streamed CreateRun: well under the 64 MiB message limit."""
+
+
+def stream_parts(request: Any, chunk_bytes: int = STREAM_CHUNK_BYTES) -> Iterator[Any]:
+    """``request`` (a ``CreateRunRequest``) as ``CreateRunStreamRequest`` messages: the first
+    names the run, each carries at most about ``chunk_bytes`` of dataset lines, in order."""
+    from services.api import coordinator_pb2 as cpb
+
+    part = cpb.CreateRunStreamRequest(run_id=request.run_id, config=request.config,
+                                      vocab_map=request.vocab_map)
+    size = 0
+    for line in request.dataset_lines:
+        nbytes = len(line.encode()) + 8  # with the field's tag and length prefix
+        if size and size + nbytes > chunk_bytes:
+            yield part
+            part, size = cpb.CreateRunStreamRequest(), 0
+        part.dataset_lines.append(line)
+        size += nbytes
+    yield part
+
+
+def create_run(stub: Any, request: Any, chunk_bytes: int = STREAM_CHUNK_BYTES) -> Any:
+    """Create the run of ``request`` over a stream, so the dataset may exceed one message."""
+    return stub.CreateRunStream(stream_parts(request, chunk_bytes))
+
+
 def _create(args: argparse.Namespace) -> int:
     import grpc
 
@@ -116,7 +144,7 @@ def _create(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        resp = _stub(args).CreateRun(request)
+        resp = create_run(_stub(args), request)
     except grpc.RpcError as exc:
         return _fail(exc)
     print(f"run {resp.run.run_id}: {resp.run.num_prompts} prompts x "

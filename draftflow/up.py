@@ -231,11 +231,11 @@ def run(opts: UpOptions) -> int:
 
 
 def _create_run(stub: Any, config: Path) -> cpb.Run:
-    from draftflow.run_cli import create_run_request
+    from draftflow.run_cli import create_run, create_run_request
 
     request = create_run_request(config)
     try:
-        return stub.CreateRun(request).run
+        return create_run(stub, request).run
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
             raise UpError(f"{exc.details()}\nthe config or dataset changed since the last "

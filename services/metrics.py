@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -21,7 +21,8 @@ RPC_TOTAL = Counter(
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
-    """Counts calls and times unary calls (streams are counted when they end)."""
+    """Counts calls and times those that answer once (response streams are counted when they
+    end)."""
 
     def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
@@ -50,6 +51,18 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                     RPC_TOTAL.labels(method, _code(context)).inc()
 
             return handler._replace(unary_stream=stream)
+        if handler.stream_unary:
+            inner_su = handler.stream_unary
+
+            def upload(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+                start = time.perf_counter()
+                try:
+                    return inner_su(requests, context)
+                finally:
+                    RPC_SECONDS.labels(method).observe(time.perf_counter() - start)
+                    RPC_TOTAL.labels(method, _code(context)).inc()
+
+            return handler._replace(stream_unary=upload)
         return handler
 
 

@@ -93,6 +93,28 @@ class CreateRunResponse(_message.Message):
     duplicate_prompts: int
     def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ..., bad_rows: _Optional[_Iterable[_Union[BadRow, _Mapping]]] = ..., duplicate_prompts: _Optional[int] = ...) -> None: ...
 
+class CreateRunStreamRequest(_message.Message):
+    __slots__ = ("run_id", "config", "dataset_lines", "vocab_map")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    DATASET_LINES_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_MAP_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    config: _run_pb2.RunConfig
+    dataset_lines: _containers.RepeatedScalarFieldContainer[str]
+    vocab_map: _run_pb2.VocabMap
+    def __init__(self, run_id: _Optional[str] = ..., config: _Optional[_Union[_run_pb2.RunConfig, _Mapping]] = ..., dataset_lines: _Optional[_Iterable[str]] = ..., vocab_map: _Optional[_Union[_run_pb2.VocabMap, _Mapping]] = ...) -> None: ...
+
+class CreateRunStreamResponse(_message.Message):
+    __slots__ = ("run", "bad_rows", "duplicate_prompts")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    BAD_ROWS_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    run: Run
+    bad_rows: _containers.RepeatedCompositeFieldContainer[BadRow]
+    duplicate_prompts: int
+    def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ..., bad_rows: _Optional[_Iterable[_Union[BadRow, _Mapping]]] = ..., duplicate_prompts: _Optional[int] = ...) -> None: ...
+
 class GetRunRequest(_message.Message):
     __slots__ = ("run_id",)
     RUN_ID_FIELD_NUMBER: _ClassVar[int]

@@ -41,6 +41,11 @@ class CoordinatorServiceStub:
                 request_serializer=draftflow_dot_v1_dot_coordinator__pb2.CreateRunRequest.SerializeToString,
                 response_deserializer=draftflow_dot_v1_dot_coordinator__pb2.CreateRunResponse.FromString,
                 _registered_method=True)
+        self.CreateRunStream = channel.stream_unary(
+                '/draftflow.v1.CoordinatorService/CreateRunStream',
+                request_serializer=draftflow_dot_v1_dot_coordinator__pb2.CreateRunStreamRequest.SerializeToString,
+                response_deserializer=draftflow_dot_v1_dot_coordinator__pb2.CreateRunStreamResponse.FromString,
+                _registered_method=True)
         self.GetRun = channel.unary_unary(
                 '/draftflow.v1.CoordinatorService/GetRun',
                 request_serializer=draftflow_dot_v1_dot_coordinator__pb2.GetRunRequest.SerializeToString,
@@ -135,6 +140,13 @@ class CoordinatorServiceServicer:
 
     def CreateRun(self, request, context):
         """Runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateRunStream(self, request_iterator, context):
+        """CreateRun for a dataset too big for one message (over 64 MiB): the same fields, streamed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -254,6 +266,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     request_deserializer=draftflow_dot_v1_dot_coordinator__pb2.CreateRunRequest.FromString,
                     response_serializer=draftflow_dot_v1_dot_coordinator__pb2.CreateRunResponse.SerializeToString,
             ),
+            'CreateRunStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.CreateRunStream,
+                    request_deserializer=draftflow_dot_v1_dot_coordinator__pb2.CreateRunStreamRequest.FromString,
+                    response_serializer=draftflow_dot_v1_dot_coordinator__pb2.CreateRunStreamResponse.SerializeToString,
+            ),
             'GetRun': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRun,
                     request_deserializer=draftflow_dot_v1_dot_coordinator__pb2.GetRunRequest.FromString,
@@ -369,6 +386,33 @@ class CoordinatorService:
             '/draftflow.v1.CoordinatorService/CreateRun',
             draftflow_dot_v1_dot_coordinator__pb2.CreateRunRequest.SerializeToString,
             draftflow_dot_v1_dot_coordinator__pb2.CreateRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateRunStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/draftflow.v1.CoordinatorService/CreateRunStream',
+            draftflow_dot_v1_dot_coordinator__pb2.CreateRunStreamRequest.SerializeToString,
+            draftflow_dot_v1_dot_coordinator__pb2.CreateRunStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

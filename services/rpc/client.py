@@ -35,7 +35,8 @@ class _BearerAuth(grpc.AuthMetadataPlugin):
         callback((("authorization", f"Bearer {self._token}"),), None)
 
 
-class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                        grpc.StreamUnaryClientInterceptor):
     """Adds the bearer token on plaintext channels (call credentials need TLS)."""
 
     def __init__(self, token: str) -> None:
@@ -50,6 +51,9 @@ class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
 
     def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
         return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, requests):  # type: ignore[no-untyped-def]
+        return continuation(self._details(client_call_details), requests)
 
 
 def open_channel(

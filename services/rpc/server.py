@@ -11,7 +11,7 @@ import ipaddress
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,7 +64,8 @@ def is_loopback(listen: str) -> bool:
 
 def _wrap(handler: grpc.RpcMethodHandler, guard: Callable[[Any, grpc.ServicerContext], None]
           ) -> grpc.RpcMethodHandler:
-    """Return ``handler`` with ``guard(request, context)`` run first, for unary and stream calls.
+    """Return ``handler`` with ``guard(request, context)`` run first, for every kind of call
+    (``request`` is None for client-streaming calls, whose guard runs before the first read).
 
     ``guard`` may raise ``DraftflowError``; it becomes the call's status.
     """
@@ -90,7 +91,30 @@ def _wrap(handler: grpc.RpcMethodHandler, guard: Callable[[Any, grpc.ServicerCon
                 _abort(context, exc)
 
         return handler._replace(unary_stream=unary_stream)
-    return handler
+    if handler.stream_unary:
+        inner_su = handler.stream_unary
+
+        def stream_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            try:
+                guard(None, context)
+                return inner_su(requests, context)
+            except DraftflowError as exc:
+                _abort(context, exc)
+
+        return handler._replace(stream_unary=stream_unary)
+    if handler.stream_stream:
+        inner_ss = handler.stream_stream
+
+        def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext
+                          ) -> Iterable[Any]:
+            try:
+                guard(None, context)
+                yield from inner_ss(requests, context)
+            except DraftflowError as exc:
+                _abort(context, exc)
+
+        return handler._replace(stream_stream=stream_stream)
+    raise TypeError(f"unknown gRPC handler kind: {handler!r}")
 
 
 class Unauthenticated(DraftflowError):

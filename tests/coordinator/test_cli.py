@@ -77,7 +77,7 @@ def test_run_create_status_list_cancel_and_sigterm(
 
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics").read().decode()
     assert 'draftflow_prompts{run_id="cli",state="PENDING"} 24.0' in metrics
-    assert 'draftflow_rpc_total{code="OK",method="CreateRun"}' in metrics
+    assert 'draftflow_rpc_total{code="OK",method="CreateRunStream"}' in metrics
 
     missing = draftflow("status", "nope", "--coordinator", target)
     assert missing.returncode == 1

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import create_engine, text
 
 from coordinator.server import CoordinatorConfig, CoordinatorProcess
+from draftflow.run_cli import create_run, stream_parts
 from services.api import common_pb2, coordinator_pb2_grpc
 from services.api import coordinator_pb2 as cpb
 from services.rpc.client import open_channel
@@ -102,6 +103,55 @@ def test_oversized_message_is_rejected(coordinator: CoordinatorProcess) -> None:
     assert stub2.ListRuns(cpb.ListRunsRequest()).runs == []
 
 
+def test_dataset_bigger_than_a_message_is_streamed(sqlite_url: str) -> None:
+    # A 1 MiB message limit stands in for 64 MiB: the same code path, a small dataset.
+    proc = CoordinatorProcess(CoordinatorConfig(db_url=sqlite_url, server=ServerConfig(
+        listen="127.0.0.1:0", max_message_bytes=1 << 20)))
+    try:
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(open_channel(f"127.0.0.1:{proc.port}"))
+        filler = "word " * 2000  # ~10 KB per row, 300 rows: ~3 MiB in all
+        lines = [json.dumps({"conversations": [
+            {"from": "human", "value": f"question {i}: {filler}"},
+            {"from": "gpt", "value": f"answer {i}"}]}) for i in range(300)]
+        lines[150] = "not json"
+        request = cpb.CreateRunRequest(run_id="big", config=h.run_config(),
+                                       dataset_lines=lines, vocab_map=h.vocab_map())
+        with pytest.raises(grpc.RpcError) as err:
+            stub.CreateRun(request)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        parts = list(stream_parts(request, chunk_bytes=256 << 10))
+        assert len(parts) > 10 and all(p.ByteSize() < 1 << 20 for p in parts)
+        assert [line for p in parts for line in p.dataset_lines] == lines
+        done = create_run(stub, request, chunk_bytes=256 << 10)
+        assert done.run.num_prompts == 299
+        assert [(b.line, b.reason[:9]) for b in done.bad_rows] == [(151, "not valid")]
+        # Streamed again, the same run answers as before (idempotent), as CreateRun does.
+        again = create_run(stub, request, chunk_bytes=256 << 10)
+        assert again.run.fingerprint == done.run.fingerprint
+    finally:
+        proc.stop(0.5)
+
+
+def test_streamed_create_validates_every_message(
+        stub: coordinator_pb2_grpc.CoordinatorServiceStub) -> None:
+    config, vocab = h.run_config(), h.vocab_map()
+    cases = [
+        ([], "the stream was empty"),
+        ([cpb.CreateRunStreamRequest(run_id="s", config=config, vocab_map=vocab),
+          cpb.CreateRunStreamRequest(run_id="s", dataset_lines=h.dataset(2))],
+         "message 2: only the first message names the run"),
+        ([cpb.CreateRunStreamRequest(dataset_lines=h.dataset(2))], "run_id"),
+        ([cpb.CreateRunStreamRequest(run_id="s", config=config, vocab_map=vocab)],
+         "dataset_lines: the dataset is empty"),
+    ]
+    for parts, message in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.CreateRunStream(iter(parts))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert message in err.value.details()
+    assert stub.ListRuns(cpb.ListRunsRequest()).runs == []
+
+
 def test_bearer_token_required_but_health_stays_open(sqlite_url: str) -> None:
     proc = CoordinatorProcess(CoordinatorConfig(
         db_url=sqlite_url, server=ServerConfig(listen="127.0.0.1:0", auth_token="s3cret")))
@@ -117,11 +167,21 @@ def test_bearer_token_required_but_health_stays_open(sqlite_url: str) -> None:
             with pytest.raises(grpc.RpcError) as err:
                 next(iter(stream))
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as err:  # a client stream is guarded too
+                coordinator_pb2_grpc.CoordinatorServiceStub(ch).CreateRunStream(iter([
+                    cpb.CreateRunStreamRequest(run_id="r1", config=h.run_config(),
+                                               dataset_lines=h.dataset(1),
+                                               vocab_map=h.vocab_map())]))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
             health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
             assert health.status == health_pb2.HealthCheckResponse.SERVING
         ok = open_channel(target, token="s3cret")
         assert coordinator_pb2_grpc.CoordinatorServiceStub(ok).ListRuns(
             cpb.ListRunsRequest()).runs == []
+        created = create_run(coordinator_pb2_grpc.CoordinatorServiceStub(ok), cpb.CreateRunRequest(
+            run_id="r1", config=h.run_config(), dataset_lines=h.dataset(2),
+            vocab_map=h.vocab_map()))
+        assert created.run.num_prompts == 2
     finally:
         proc.stop(0.5)
 
