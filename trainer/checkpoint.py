@@ -3,6 +3,10 @@
 Layout: ``ROOT/step-000000042/{state.pt, meta.json}``. Files are written into a hidden temporary
 directory, fsynced, and the directory is renamed into place, so a crash mid-write leaves only a
 ``.tmp-*`` directory that ``latest_complete`` ignores (and ``clean_partial`` removes).
+
+A checkpoint is never reused or replaced by another trainer group: when ``step-000000042`` holds
+another group's state (a superseded group that woke up, say), this group writes
+``step-000000042-GROUP`` instead, and the coordinator's committed URI says which one counts.
 """
 
 from __future__ import annotations
@@ -18,12 +22,22 @@ from typing import Any
 import torch
 
 _NAME = re.compile(r"^step-(\d{9})$")
+STEP_OF = re.compile(r"^step-(\d{9})(?:-[0-9a-zA-Z]+)?$")
+"""Step of a checkpoint directory name, with or without a trainer group suffix."""
 STATE_FILE, META_FILE = "state.pt", "meta.json"
 
 
-def checkpoint_path(root: str | Path, step: int) -> Path:
-    """Directory of the checkpoint taken after ``step``."""
-    return Path(root) / f"step-{step:09d}"
+def checkpoint_path(root: str | Path, step: int, group: str = "") -> Path:
+    """Directory of the checkpoint taken after ``step`` (by ``group``, when it is not the first
+    group to write one for this step)."""
+    return Path(root) / (f"step-{step:09d}-{group}" if group else f"step-{step:09d}")
+
+
+def _written_by(path: Path) -> str:
+    try:
+        return str(json.loads((path / META_FILE).read_text()).get("trainer_group", ""))
+    except (OSError, ValueError):
+        return "?"  # unreadable: not ours to reuse
 
 
 def _fsync_path(path: Path) -> None:
@@ -39,11 +53,15 @@ def save_checkpoint(
 ) -> Path:
     """Write ``state`` (tensors and plain values) and ``meta`` (JSON) for ``step``; return its path.
 
-    Saving a step that already has a complete checkpoint returns the existing one untouched.
+    Saving a step that already has a checkpoint of the same ``meta["trainer_group"]`` returns the
+    existing one untouched; one of another group is left alone and this one goes beside it.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    group = str(meta.get("trainer_group", ""))
     final = checkpoint_path(root, step)
+    if final.exists() and _written_by(final) != group:
+        final = checkpoint_path(root, step, group or uuid.uuid4().hex)
     if final.exists():
         return final
     tmp = root / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"

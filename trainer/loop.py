@@ -72,6 +72,8 @@ class Trainer:
         self.dist = dist_ctx or DistContext()
         self.head = head.to(self.dist.device)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.trainer_group = ""
+        """The coordinator trainer group these checkpoints belong to ("" when training alone)."""
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.step = 0
@@ -175,7 +177,8 @@ class Trainer:
         state = self.state_dict()
         path = None
         if self.dist.rank == 0:
-            meta = {"algorithm": self.strategy.name, "world_size": self.dist.world_size}
+            meta = {"algorithm": self.strategy.name, "world_size": self.dist.world_size,
+                    "trainer_group": self.trainer_group}
             path = ckpt.save_checkpoint(self.checkpoint_dir, self.step, state, meta)
             log.info("checkpoint written",
                      extra=event("checkpoint", step=self.step, path=str(path)))

@@ -245,6 +245,7 @@ class CoordinatorRunner:
             aux_layer_ids(self.run_info), dist_ctx=self.dist,
             parallel=cfg.parallel if self.dist.is_distributed else "none",
             checkpoint_dir=self.checkpoint_dir)
+        self.trainer.trainer_group = self.session.trainer_group
         self.status = TrainerStatus(
             run_id=cfg.run_id, session_id=self.session.session_id,
             world_size=self.dist.world_size, device=str(self.dist.device))
@@ -259,6 +260,8 @@ class CoordinatorRunner:
         self.source: CoordinatorSteps | None = None
         self._steps: _Interruptible | None = None
         self._committer = _Committer(on_error=self._commit_failed)
+        self._checkpoint_uri = reg.last_checkpoint_uri
+        """URI of the latest checkpoint (what SaveCheckpoint answers)."""
         self._resume(reg.last_checkpoint_step, reg.last_checkpoint_uri)
 
     def _group_id(self) -> str:
@@ -299,10 +302,10 @@ class CoordinatorRunner:
             return
         ckpt.clean_partial(self.checkpoint_dir)
         for entry in self.checkpoint_dir.glob("step-*"):
-            try:
-                step = int(entry.name.split("-", 1)[1])
-            except ValueError:
+            m = ckpt.STEP_OF.match(entry.name)
+            if m is None:
                 continue
+            step = int(m.group(1))
             if step > committed:
                 shutil.rmtree(entry, ignore_errors=True)
                 log.warning("removed uncommitted checkpoint", extra=event(
@@ -391,6 +394,7 @@ class CoordinatorRunner:
         if self.dist.rank == 0:
             uri = checkpoint_uri(path)
             self._committer.submit(lambda: self._free(self.session.commit_checkpoint(step, uri)))
+            self._checkpoint_uri = uri
         self.status.last_checkpoint_step = step
         self._committer.submit(self._answer_requests)
 
@@ -435,7 +439,7 @@ class CoordinatorRunner:
 
     def _answer_requests(self) -> None:
         step = self.status.last_checkpoint_step
-        uri = checkpoint_uri(ckpt.checkpoint_path(self.checkpoint_dir, step)) if step else ""
+        uri = self._checkpoint_uri if step else ""
         with self._lock:
             pending, self._save_requests = self._save_requests, []
         for fut in pending:

@@ -6,6 +6,7 @@ surviving weights)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ from sqlalchemy import create_engine, text
 from tests.e2e.accounting import check_accounting, step_composition
 from tests.e2e.cluster import Cluster, Geometry, RunSpec, wait_for
 from tests.e2e.conftest import MakeCluster
+from trainer.runner import path_from_uri
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -117,6 +119,26 @@ def test_a_second_trainer_group_fences_the_first(make_cluster: MakeCluster, pg_u
     assert old.process.wait(timeout=120) != 0, old.tail()
     assert "which a newer trainer group of this run replaced" in old.log(), old.tail()
     finish(cluster, pg_url, before, spec)
+    # Every checkpoint committed since holds the new group's weights, never the old group's.
+    engine = create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            old_group = conn.execute(text(
+                "SELECT DISTINCT trainer_group FROM sessions WHERE state = 'SUPERSEDED'")
+            ).scalar_one()
+            # A commit the old group sent just before it hung may land late; it counts, as it
+            # came before the new group registered. What follows must be the new group's.
+            uris = conn.execute(text(
+                "SELECT uri FROM checkpoints WHERE run_id = :r AND created_at > ("
+                "  SELECT MIN(created_at) FROM sessions WHERE run_id = :r AND role = 'TRAINER'"
+                "  AND trainer_group <> :old)"), {"r": spec.run_id, "old": old_group}
+            ).scalars().all()
+    finally:
+        engine.dispose()
+    assert uris
+    for uri in uris:
+        meta = json.loads((path_from_uri(uri) / "meta.json").read_text())
+        assert meta["trainer_group"] not in ("", old_group), uri
 
 
 def test_coordinator_restarted_while_training(make_cluster: MakeCluster, pg_url: str) -> None:

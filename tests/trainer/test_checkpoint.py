@@ -27,6 +27,24 @@ def test_partial_checkpoints_are_never_picked_up(tmp_path: Path) -> None:
     assert torch.equal(ckpt.load_checkpoint(good)[0]["x"], torch.ones(2))
 
 
+def test_another_groups_checkpoint_is_never_reused_or_replaced(tmp_path: Path) -> None:
+    # A superseded group that woke up wrote step 6 first; the group that replaced it must not
+    # commit those weights as its own, nor may either group overwrite the other's.
+    theirs = ckpt.save_checkpoint(tmp_path, 6, {"x": torch.zeros(2)}, {"trainer_group": "old"})
+    ours = ckpt.save_checkpoint(tmp_path, 6, {"x": torch.ones(2)}, {"trainer_group": "new1"})
+    assert (theirs.name, ours.name) == ("step-000000006", "step-000000006-new1")
+    assert torch.equal(ckpt.load_checkpoint(theirs)[0]["x"], torch.zeros(2))
+    assert torch.equal(ckpt.load_checkpoint(ours)[0]["x"], torch.ones(2))
+    assert ckpt.load_checkpoint(ours)[1]["trainer_group"] == "new1"
+    # Each group saving again gets its own copy back, untouched.
+    assert ckpt.save_checkpoint(tmp_path, 6, {"x": torch.full((2,), 7.0)},
+                                {"trainer_group": "new1"}) == ours
+    assert ckpt.save_checkpoint(tmp_path, 6, {"x": torch.full((2,), 7.0)},
+                                {"trainer_group": "old"}) == theirs
+    assert torch.equal(ckpt.load_checkpoint(ours)[0]["x"], torch.ones(2))
+    assert [int(ckpt.STEP_OF.match(p.name).group(1)) for p in (theirs, ours)] == [6, 6]
+
+
 def test_resume_is_bitwise_identical(tiny, tmp_path: Path) -> None:
     geo = Geometry(1, 2, 2)
     samples = tiny.train[: 10 * geo.per_step]
