@@ -36,6 +36,8 @@ class TrainerFigures:
     samples_per_second: float = 0.0
     data_wait_fraction: float = 0.0
     device: str = ""
+    majority_accuracy: float = 0.0
+    """Top-1 of always guessing the most frequent next token (0: not reported)."""
 
 
 def previous_figures(path: Path) -> TrainerFigures:
@@ -93,6 +95,7 @@ class TrainerWatch:
             samples_per_second=self._last.samples_per_second,
             data_wait_fraction=self._last.data_wait_fraction,
             device=self._last.device,
+            majority_accuracy=self._last.majority_accuracy,
         )
 
 
@@ -141,6 +144,11 @@ class Summary:
                           f"verification (simulated; 1.00 = draft never accepted)")
             table.add_row("chance", f"{self.chance_accuracy:.4f} top-1 (uniform over the draft "
                           "vocabulary)")
+            if t.majority_accuracy:
+                verdict = ("the draft beats it" if t.accuracies[0] > t.majority_accuracy
+                           else "the draft does not beat it yet")
+                table.add_row("baseline", f"{t.majority_accuracy:.3f} top-1 always guessing the "
+                              f"most frequent next token ({verdict})")
             table.add_row("trainer", f"{t.samples_per_second:.1f} samples/s on {t.device}, "
                           f"{100 * t.data_wait_fraction:.1f}% waiting for data")
         _extra_metrics(table, out_dir / "metrics.json")

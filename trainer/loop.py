@@ -78,6 +78,9 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.step = 0
         self.last_metrics: dict[str, float] = {}
+        self.label_counts: torch.Tensor | None = None
+        """Targets seen per draft token, summed over the steps trained here (for the
+        always-guess-the-most-frequent-token baseline)."""
 
     # -- one optimizer step ---------------------------------------------------------------
     def train_step(self, bundle: StepBundle) -> dict[str, float]:
@@ -122,6 +125,11 @@ class Trainer:
             all_reduce_sum(v, self.dist)
         metrics = self.strategy.summarise({k: v.cpu() for k, v in sums.items()})
         metrics.update(lr=lr, grad_norm=float(grad_norm), step_seconds=time.perf_counter() - start)
+        if "label_counts" in sums:
+            counts = sums["label_counts"].cpu()
+            self.label_counts = counts if self.label_counts is None else self.label_counts + counts
+            metrics["majority_acc"] = float(
+                self.label_counts.max() / self.label_counts.sum().clamp(min=1))
         self.last_metrics = metrics
         return metrics
 

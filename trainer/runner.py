@@ -99,6 +99,8 @@ class TrainerStatus:
     loss: float = 0.0
     accuracies: list[float] = field(default_factory=list)
     acceptance_length: float = 0.0
+    majority_accuracy: float = 0.0
+    """Top-1 of always guessing the most frequent next token, over the steps trained here."""
     samples_per_second: float = 0.0
     data_wait_fraction: float = 0.0
     data_wait_seconds: float = 0.0
@@ -420,6 +422,7 @@ class CoordinatorRunner:
         self.timeline.append((time.perf_counter(), float(metrics.get("step_seconds", 0.0))))
         s.accuracies = [metrics[f"acc_{k}"] for k in range(self.train_cfg.ttt_length)]
         s.acceptance_length = float(metrics.get("acceptance_length", 0.0))
+        s.majority_accuracy = float(metrics.get("majority_acc", 0.0))
         s.samples_per_second = trained * self.train_cfg.geometry.per_step / elapsed
         s.data_wait_seconds = self.source.wait_seconds
         s.data_wait_fraction = self.source.wait_seconds / elapsed

@@ -38,7 +38,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             accuracies=list(s.accuracies), samples_per_second=s.samples_per_second,
             data_wait_fraction=s.data_wait_fraction,
             simulated_acceptance_length=s.acceptance_length, world_size=s.world_size,
-            device=s.device)
+            device=s.device, majority_accuracy=s.majority_accuracy)
 
     def SaveCheckpoint(self, request: trainer_pb2.SaveCheckpointRequest,
                        context: grpc.ServicerContext) -> trainer_pb2.SaveCheckpointResponse:

@@ -11,7 +11,7 @@ class TrainerGetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TrainerGetStatusResponse(_message.Message):
-    __slots__ = ("session_id", "run_id", "step", "loss", "accuracies", "samples_per_second", "data_wait_fraction", "simulated_acceptance_length", "world_size", "device")
+    __slots__ = ("session_id", "run_id", "step", "loss", "accuracies", "samples_per_second", "data_wait_fraction", "simulated_acceptance_length", "world_size", "device", "majority_accuracy")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class TrainerGetStatusResponse(_message.Message):
     SIMULATED_ACCEPTANCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MAJORITY_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     run_id: str
     step: int
@@ -32,7 +33,8 @@ class TrainerGetStatusResponse(_message.Message):
     simulated_acceptance_length: float
     world_size: int
     device: str
-    def __init__(self, session_id: _Optional[str] = ..., run_id: _Optional[str] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., accuracies: _Optional[_Iterable[float]] = ..., samples_per_second: _Optional[float] = ..., data_wait_fraction: _Optional[float] = ..., simulated_acceptance_length: _Optional[float] = ..., world_size: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    majority_accuracy: float
+    def __init__(self, session_id: _Optional[str] = ..., run_id: _Optional[str] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., accuracies: _Optional[_Iterable[float]] = ..., samples_per_second: _Optional[float] = ..., data_wait_fraction: _Optional[float] = ..., simulated_acceptance_length: _Optional[float] = ..., world_size: _Optional[int] = ..., device: _Optional[str] = ..., majority_accuracy: _Optional[float] = ...) -> None: ...
 
 class SaveCheckpointRequest(_message.Message):
     __slots__ = ()

@@ -99,7 +99,7 @@ def test_up_interrupted_then_continued_to_an_exported_draft(tmp_path: Path,
     assert second.returncode == 0, out
     assert "draftflow up — done" in out
     assert f"{PROMPTS * EPOCHS} trained, 0 dropped" in out
-    for figure in ("top-1 accuracy", "acceptance length", "chance"):
+    for figure in ("top-1 accuracy", "acceptance length", "chance", "baseline"):
         assert figure in out, out
     final = work / "runs" / "up-e2e" / "final"
     assert str(final) in out
@@ -112,6 +112,7 @@ def test_up_interrupted_then_continued_to_an_exported_draft(tmp_path: Path,
     assert summary["trainer"]["steps_seen"] > 0
     assert summary["chance_accuracy"] == pytest.approx(1 / 128)
     assert len(summary["trainer"]["accuracies"]) == 2
+    assert 0 < summary["trainer"]["majority_accuracy"] <= 1
 
 
 def test_up_killed_after_capture_then_run_again(tmp_path: Path, tiny_target: Path) -> None:

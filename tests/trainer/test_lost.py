@@ -70,6 +70,7 @@ def test_lost_sample_is_recaptured_and_trained_in_its_step(
         assert (st.run_id, st.step, st.world_size, st.device) == ("lost", 2, 1, "cpu")
         assert len(st.accuracies) == 3 and st.loss > 0 and st.simulated_acceptance_length >= 1
         assert 0 <= st.data_wait_fraction <= 1 and st.samples_per_second > 0
+        assert 0 < st.majority_accuracy <= 1
         with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as r:
             scraped = r.read().decode()
         assert 'draftflow_trainer_step{run_id="lost"} 2.0' in scraped

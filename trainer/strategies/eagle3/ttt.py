@@ -91,6 +91,9 @@ def loss(
                 starts = count_k > 0
                 alive = hit.clone()
                 run = hit.float()
+                # How often each token is the target: the baseline of always guessing one.
+                label_counts = torch.bincount(_shift(labels, 1, s)[weight_k > 0],
+                                              minlength=probs.shape[-1]).float()
             else:
                 alive = alive & hit
                 run = run + alive.float()
@@ -103,6 +106,7 @@ def loss(
         "count": torch.stack(counts),
         "accept_run": (run * starts.float()).sum().unsqueeze(0),
         "accept_starts": starts.float().sum().unsqueeze(0),
+        "label_counts": label_counts,
     }
     return LossOutput(loss=total, sums=sums)
 
