@@ -117,10 +117,10 @@ def _prepare_target(config_path: Path, console: Console) -> Path:
     if config_path.resolve() != DEFAULT_CONFIG.resolve():
         raise UpError(f"target.model_path {model} has no model; point the config at a local "
                       "Hugging Face model directory")
-    from services.tiny_model import build_tiny_target
+    from services.tiny_model import build_example_target
 
-    with console.status(f"building the tiny target model in {model} (once)"):
-        build_tiny_target(model)
+    with console.status(f"building the tiny target model in {model} (once, about a minute)"):
+        build_example_target(model)
     return model
 
 

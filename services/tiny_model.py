@@ -1,9 +1,14 @@
-"""Tiny random-initialised target models, built locally, for tests, benchmarks and ``draftflow up``.
+"""Tiny target models, built locally, for tests, benchmarks and ``draftflow up``.
 
 A tiny target is a normal Hugging Face model directory (``config.json``, ``model.safetensors``,
 tokenizer files with a chat template), so the real ``from_pretrained`` loading code runs on it.
 The tokenizer is a byte-level BPE trained on the dataset's text, so no hub download is needed.
 Everything is seeded: the same arguments give the same weights and the same tokenizer.
+
+Random-initialised weights (the default, fast) predict a nearly flat next-token distribution, so a
+draft has little to learn from them. ``pretrain_steps`` first trains the model briefly on the
+dataset's conversations, giving it the sharp, structured predictions a real target has; the
+example target of ``draftflow up`` is built that way (``build_example_target``).
 """
 
 from __future__ import annotations
@@ -116,6 +121,7 @@ def build_tiny_target(
     vocab_size: int = 2048,
     seed: int = 0,
     dataset: str | Path | None = None,
+    pretrain_steps: int = 0,
 ) -> Path:
     """Build (or reuse) a tiny target model directory and return its path.
 
@@ -129,10 +135,14 @@ def build_tiny_target(
         raise TinyModelError(f"num_layers={num_layers}: EAGLE3 capture needs at least 4 layers")
     if hidden_size % 64 and hidden_size >= 64:
         raise TinyModelError(f"hidden_size={hidden_size} must be a multiple of 64")
+    if pretrain_steps < 0:
+        raise TinyModelError(f"pretrain_steps={pretrain_steps} must be >= 0")
     params = {
         "arch": arch, "num_layers": num_layers, "hidden_size": hidden_size,
         "vocab_size": vocab_size, "seed": seed, "dataset": dataset_path.name,
     }
+    if pretrain_steps:
+        params["pretrain_steps"] = pretrain_steps
     if (existing := _read_marker(out)) is not None:
         if existing != params:
             raise TinyModelError(
@@ -146,7 +156,8 @@ def build_tiny_target(
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_model(tmp, arch, num_layers, hidden_size, vocab_size, seed, dataset_path)
+        _write_model(tmp, arch, num_layers, hidden_size, vocab_size, seed, dataset_path,
+                     pretrain_steps)
         (tmp / MARKER).write_text(json.dumps(params, sort_keys=True))
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
@@ -162,8 +173,51 @@ def build_tiny_target(
     return out
 
 
+EXAMPLE_PRETRAIN_STEPS = 200
+"""Pre-training steps of the example target: ~20 s on 2 CPU cores, enough for sharp predictions."""
+
+
+def build_example_target(out_dir: str | Path) -> Path:
+    """The target of ``examples/tiny.yaml``: the default tiny model, pre-trained on the example
+    conversations so that drafting it is a real task."""
+    return build_tiny_target(out_dir, pretrain_steps=EXAMPLE_PRETRAIN_STEPS)
+
+
+def _pretrain(model, tokenizer, dataset: Path, steps: int, seed: int) -> None:  # type: ignore[no-untyped-def]
+    """Next-token training on the dataset's chat-formatted conversations (seeded, CPU)."""
+    import torch
+
+    stream: list[int] = []
+    with dataset.open() as f:
+        for line in f:
+            try:
+                conv = parse_line(line)
+            except BadRow:
+                continue
+            messages = [{"role": m.role, "content": m.content} for m in conv.messages]
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+            stream.extend(tokenizer(text, add_special_tokens=False).input_ids)
+    tokens = torch.tensor(stream, dtype=torch.long)
+    window, batch = 128, 8
+    if len(tokens) <= window:
+        raise TinyModelError(
+            f"{dataset} has too little text to pre-train on ({len(tokens)} tokens)")
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(tokens) - window, (batch,), generator=gen)
+        ids = torch.stack([tokens[s : s + window] for s in starts.tolist()])
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    model.eval()
+
+
 def _write_model(path: Path, arch: Arch, num_layers: int, hidden_size: int, vocab_size: int,
-                 seed: int, dataset: Path) -> None:
+                 seed: int, dataset: Path, pretrain_steps: int = 0) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -174,6 +228,8 @@ def _write_model(path: Path, arch: Arch, num_layers: int, hidden_size: int, voca
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if pretrain_steps:
+        _pretrain(model, tokenizer, dataset, pretrain_steps, seed)
     path.mkdir(parents=True)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)

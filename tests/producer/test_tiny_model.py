@@ -90,3 +90,30 @@ def test_tokenizer_hash_sees_the_vocabulary(llama_dir: Path, tmp_path: Path) -> 
     small = build_tiny_target(tmp_path / "small", num_layers=4, hidden_size=64, vocab_size=512)
     assert tokenizer_hash(AutoTokenizer.from_pretrained(small)) != tokenizer_hash(
         AutoTokenizer.from_pretrained(llama_dir))
+
+
+def _mean_top_probability(model_dir: Path) -> float:
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    text = tok.apply_chat_template([{"role": "user", "content": "Sort 3, 1, 2"},
+                                    {"role": "assistant", "content": "1, 2, 3"}], tokenize=False)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        return float(model(ids).logits.softmax(-1).max(-1).values.mean())
+
+
+def test_pretraining_gives_a_target_worth_drafting(tmp_path: Path) -> None:
+    kw = {"num_layers": 4, "hidden_size": 64, "vocab_size": 512}
+    flat = build_tiny_target(tmp_path / "flat", **kw)
+    trained = build_tiny_target(tmp_path / "trained", pretrain_steps=40, **kw)
+    # Random weights spread next-token probability almost evenly (uniform is 1/512 = 0.002);
+    # a short pre-training on the example conversations makes the predictions sharp.
+    assert _mean_top_probability(flat) < 0.01
+    assert _mean_top_probability(trained) > 0.1
+    assert _sha(trained / "tokenizer.json") == _sha(flat / "tokenizer.json")
+    assert build_tiny_target(tmp_path / "again", pretrain_steps=40, **kw) is not None
+    assert _sha(tmp_path / "again" / "model.safetensors") == _sha(trained / "model.safetensors")
+    with pytest.raises(TinyModelError, match="delete the directory"):
+        build_tiny_target(trained, **kw)  # built pre-trained; asked for the random one
+    with pytest.raises(TinyModelError, match="pretrain_steps=-1"):
+        build_tiny_target(tmp_path / "bad", pretrain_steps=-1, **kw)
