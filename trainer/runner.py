@@ -231,6 +231,10 @@ class CoordinatorRunner:
                                           identity, trainer_group=self._group_id())
         self.run_info = self.session.get_run()
         self.model_path = cfg.model_path or self.run_info.config.target.model_path
+        if not (Path(self.model_path) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{self.model_path} has no config.json; pass --model-path with this node's copy "
+                "of the target (a local Hugging Face model directory)")
         reg = self.session.register(local_fingerprint(self.run_info, self.model_path, cfg.revision))
         self.train_cfg = TrainerConfig.from_run(self.run_info.config)
         geo = self.train_cfg.geometry
