@@ -30,12 +30,13 @@ from rich.progress import (
 )
 
 from draftflow.stack import Child, Stack
-from draftflow.up_report import Summary, TrainerWatch, previous_figures
+from draftflow.up_report import Summary, TrainerWatch, final_figures, previous_figures
 from services.api import coordinator_pb2 as cpb
 from services.api import coordinator_pb2_grpc
 from services.logs import event
 from services.rpc.client import open_channel
 from services.store.mooncake_proc import MasterHandle, start_holder, start_master
+from trainer import STATUS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +207,11 @@ def run(opts: UpOptions) -> int:
         if code != 0:
             raise UpError(f"trainer exited with {code}:\n{trainer.log_tail()}")
         figures = watch.figures()
-        if figures.steps_seen == 0:  # nothing left to train: show what the last up measured
-            figures = previous_figures(out_dir / "summary.json")
+        if figures.steps_seen == 0:
+            # Every step passed between two polls, or nothing was left to train: the trainer's
+            # own last word, else what the last `up` measured.
+            figures = (final_figures(out_dir / STATUS_FILE)
+                       or previous_figures(out_dir / "summary.json"))
         summary = Summary.of(status, figures, run_obj.config.draft.draft_vocab_size,
                              time.monotonic() - started, out_dir / "final")
         summary.write(out_dir / "summary.json")

@@ -48,6 +48,25 @@ def previous_figures(path: Path) -> TrainerFigures:
         return TrainerFigures()
 
 
+def final_figures(path: Path) -> TrainerFigures | None:
+    """The figures of the trainer's last step, from the status file it writes when it ends (for
+    a run whose steps all passed between two polls); None when there is none."""
+    from google.protobuf import json_format
+
+    try:
+        last = json_format.Parse(path.read_text(), trainer_pb2.TrainerGetStatusResponse())
+    except (OSError, json_format.ParseError):
+        return None
+    if not last.accuracies:
+        return None
+    return TrainerFigures(
+        steps_seen=1, accuracies=list(last.accuracies),
+        acceptance_length=last.simulated_acceptance_length,
+        samples_per_second=last.samples_per_second,
+        data_wait_fraction=last.data_wait_fraction, device=last.device,
+        majority_accuracy=last.majority_accuracy)
+
+
 class TrainerWatch:
     """Polls a trainer's ``GetStatus`` and keeps the last steps' figures."""
 
@@ -138,8 +157,9 @@ class Summary:
         t = self.trainer
         if t.accuracies:
             shown = "  ".join(f"{a:.3f}" for a in t.accuracies)
+            last = f"last {t.steps_seen} steps" if t.steps_seen > 1 else "last step"
             table.add_row("top-1 accuracy", f"{shown}  (unroll positions 1..{len(t.accuracies)}, "
-                          f"last {t.steps_seen} steps)")
+                          f"{last})")
             table.add_row("acceptance length", f"{t.acceptance_length:.2f} tokens per "
                           f"verification (simulated; 1.00 = draft never accepted)")
             table.add_row("chance", f"{self.chance_accuracy:.4f} top-1 (uniform over the draft "

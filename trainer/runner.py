@@ -26,10 +26,12 @@ from urllib.parse import unquote, urlsplit
 
 import torch
 import torch.distributed as dist
+from google.protobuf import json_format
 
-from services.api import common_pb2
+from services.api import common_pb2, trainer_pb2
 from services.logs import event
 from services.store import open_store
+from trainer import STATUS_FILE
 from trainer import checkpoint as ckpt
 from trainer.config import TrainerConfig
 from trainer.export import export_draft
@@ -110,6 +112,14 @@ class TrainerStatus:
     device: str = "cpu"
     last_checkpoint_step: int = 0
     done: bool = False
+
+    def to_proto(self) -> trainer_pb2.TrainerGetStatusResponse:
+        return trainer_pb2.TrainerGetStatusResponse(
+            session_id=self.session_id, run_id=self.run_id, step=self.step, loss=self.loss,
+            accuracies=list(self.accuracies), samples_per_second=self.samples_per_second,
+            data_wait_fraction=self.data_wait_fraction,
+            simulated_acceptance_length=self.acceptance_length, world_size=self.world_size,
+            device=self.device, majority_accuracy=self.majority_accuracy)
 
 
 def checkpoint_uri(path: Path) -> str:
@@ -348,6 +358,10 @@ class CoordinatorRunner:
             self.source.close()
             self.status.done = True
             self._fail_requests(RuntimeError("training ended before the checkpoint was taken"))
+        if self.dist.rank == 0 and self.status.steps_trained:
+            self.cfg.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.cfg.out_dir / STATUS_FILE).write_text(json_format.MessageToJson(
+                self.status.to_proto(), preserving_proto_field_name=True))
         log.info("training finished", extra=event(
             "trainer_done", run_id=self.cfg.run_id, step=self.trainer.step,
             end_of_data=self.source.end_step is not None, dropped=self.source.dropped))

@@ -32,13 +32,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     def GetStatus(self, request: trainer_pb2.TrainerGetStatusRequest,
                   context: grpc.ServicerContext) -> trainer_pb2.TrainerGetStatusResponse:
-        s = self._runner.status
-        return trainer_pb2.TrainerGetStatusResponse(
-            session_id=s.session_id, run_id=s.run_id, step=s.step, loss=s.loss,
-            accuracies=list(s.accuracies), samples_per_second=s.samples_per_second,
-            data_wait_fraction=s.data_wait_fraction,
-            simulated_acceptance_length=s.acceptance_length, world_size=s.world_size,
-            device=s.device, majority_accuracy=s.majority_accuracy)
+        return self._runner.status.to_proto()
 
     def SaveCheckpoint(self, request: trainer_pb2.SaveCheckpointRequest,
                        context: grpc.ServicerContext) -> trainer_pb2.SaveCheckpointResponse:
