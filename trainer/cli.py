@@ -49,8 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                      run_help="; under torchrun spell it --run-id (torchrun takes --run for its "
                      "own --run-path)")
     p.add_argument("--out", required=env("DRAFTFLOW_OUT") is None, default=env("DRAFTFLOW_OUT"),
-                   help="output directory: OUT/checkpoints and OUT/final; shared by all ranks "
-                   "and kept across restarts [$DRAFTFLOW_OUT]")
+                   help="output directory: OUT/checkpoints, OUT/final (the exported draft) and "
+                   "OUT/trainer-status.json (the last step's status); shared by all ranks and "
+                   "kept across restarts [$DRAFTFLOW_OUT]")
     p.add_argument("--model-path", default=env("DRAFTFLOW_MODEL_PATH"),
                    help="target model directory on this node; only its embedding, lm_head and "
                    "tokenizer are read (default: the run's target.model_path) "
