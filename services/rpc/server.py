@@ -102,7 +102,7 @@ def _wrap(handler: grpc.RpcMethodHandler, guard: Callable[[Any, grpc.ServicerCon
                 _abort(context, exc)
 
         return handler._replace(stream_unary=stream_unary)
-    if handler.stream_stream:
+    if handler.stream_stream:  # server reflection is one
         inner_ss = handler.stream_stream
 
         def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext
