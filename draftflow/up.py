@@ -30,7 +30,7 @@ from rich.progress import (
 )
 
 from draftflow.stack import Child, Stack
-from draftflow.up_report import Summary, TrainerWatch, final_figures, previous_figures
+from draftflow.up_report import Summary, TrainerWatch, final_figures
 from services.api import coordinator_pb2 as cpb
 from services.api import coordinator_pb2_grpc
 from services.logs import event
@@ -208,10 +208,9 @@ def run(opts: UpOptions) -> int:
             raise UpError(f"trainer exited with {code}:\n{trainer.log_tail()}")
         figures = watch.figures()
         if figures.steps_seen == 0:
-            # Every step passed between two polls, or nothing was left to train: the trainer's
-            # own last word, else what the last `up` measured.
-            figures = (final_figures(out_dir / STATUS_FILE)
-                       or previous_figures(out_dir / "summary.json"))
+            # Every step passed between two polls, or nothing was left to train: the last
+            # step a trainer of this run trained, as it wrote it down.
+            figures = final_figures(out_dir / STATUS_FILE) or figures
         summary = Summary.of(status, figures, run_obj.config.draft.draft_vocab_size,
                              time.monotonic() - started, out_dir / "final")
         summary.write(out_dir / "summary.json")

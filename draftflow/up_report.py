@@ -40,17 +40,9 @@ class TrainerFigures:
     """Top-1 of always guessing the most frequent next token (0: not reported)."""
 
 
-def previous_figures(path: Path) -> TrainerFigures:
-    """The trainer figures of an earlier ``summary.json``, for a run that had nothing left."""
-    try:
-        return TrainerFigures(**json.loads(path.read_text())["trainer"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return TrainerFigures()
-
-
 def final_figures(path: Path) -> TrainerFigures | None:
-    """The figures of the trainer's last step, from the status file it writes when it ends (for
-    a run whose steps all passed between two polls); None when there is none."""
+    """The figures of the last step trained, from the status file a trainer writes when it ends
+    (for a run whose steps all passed between two polls, or had none left); None if none."""
     from google.protobuf import json_format
 
     try:
