@@ -33,19 +33,14 @@ from services.api import common_pb2, run_pb2
 from services.api import coordinator_pb2 as cpb
 from services.fingerprint import run_fingerprint
 from services.logs import event
+from services.rpc.retry import UNAVAILABLE, call_retrying
 from services.store.base import FeatureStore, StoreError, StoreFull
 from services.tokenizer import tokenizer_hash
 
 log = logging.getLogger(__name__)
 
-_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-              grpc.StatusCode.CANCELLED)
-"""Codes that mean "the coordinator is not answering now": restarting, unreachable, or shut down
-while the call was in flight (the server cancels it; this worker never cancels its own calls
-except when stopping, which ends the retries)."""
-RETRY_FIRST_S = 0.2
-RETRY_MAX_S = 5.0
-"""Waits between calls while the coordinator is unavailable: doubling from the first to the max."""
+_TRANSIENT = (*UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+"""The coordinator is not answering now (this worker's calls carry deadlines, too)."""
 
 
 @dataclass(frozen=True)
@@ -233,28 +228,20 @@ class Producer:
         UNAVAILABLE / DEADLINE_EXCEEDED with capped backoff. Without limit while producing;
         while draining, for at most the lease time (the leases are gone after that anyway);
         never once the loop has stopped or ``until()`` says to give up."""
-        delay = RETRY_FIRST_S
-        give_up: float | None = None
-        while True:
-            try:
-                return method(request)
-            except grpc.RpcError as exc:
-                if exc.code() not in _TRANSIENT or self._stopped.is_set():
-                    raise
-                if until is not None and until():
-                    raise
-                if self._draining.is_set():
-                    give_up = give_up if give_up is not None else self._clock() + self._lease_s
-                    if self._clock() >= give_up:
-                        raise
-                log.warning("coordinator unavailable (%s), retrying %s in %.1fs",
-                            exc.code().name, name, delay, extra=event(
-                                "coordinator_retry", run_id=self._cfg.run_id,
-                                session_id=self.session_id, call=name, code=exc.code().name,
-                                wait_s=delay))
-                if self._stopped.wait(delay):
-                    raise
-                delay = min(delay * 2, RETRY_MAX_S)
+        drain_deadline: list[float] = []
+
+        def give_up() -> bool:
+            if self._stopped.is_set() or (until is not None and until()):
+                return True
+            if not self._draining.is_set():
+                return False
+            if not drain_deadline:
+                drain_deadline.append(self._clock() + self._lease_s)
+            return self._clock() >= drain_deadline[0]
+
+        return call_retrying(name, method, request, give_up=give_up, wait=self._stopped.wait,
+                             logger=log, codes=_TRANSIENT, run_id=self._cfg.run_id,
+                             session_id=self.session_id)
 
     def _rejoin(self, why: str) -> None:
         """Our session expired (missed heartbeats): its leases went back; start a new one."""

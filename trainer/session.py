@@ -21,18 +21,13 @@ from services.config import default_aux_layers
 from services.fingerprint import run_fingerprint
 from services.logs import event
 from services.rpc.client import open_channel
+from services.rpc.retry import call_retrying
 from services.tokenizer import tokenizer_hash
-
-# The coordinator is not answering now: restarting, unreachable, or shut down mid-call.
-_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 log = logging.getLogger(__name__)
 
 RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 """Waits between StreamSteps reconnects while the coordinator is UNAVAILABLE; the last repeats."""
-RETRY_FIRST_S = 0.2
-RETRY_MAX_S = 5.0
-"""Waits between unary calls while the coordinator is UNAVAILABLE: doubling, capped."""
 
 
 class RegistrationRefused(RuntimeError):
@@ -173,22 +168,11 @@ class CoordinatorSession:
             self._call.cancel()
 
     def _retrying(self, name: str, method: Any, request: Any) -> Any:
-        """Call the coordinator, waiting out an outage (a restart takes seconds): UNAVAILABLE
-        is retried with capped backoff until it answers or ``close`` is called. Every call made
-        this way is idempotent (a step committed twice answers OK)."""
-        delay = RETRY_FIRST_S
-        while True:
-            try:
-                return method(request)
-            except grpc.RpcError as exc:
-                if exc.code() not in _TRANSIENT or self._stop.is_set():
-                    raise
-                log.warning("coordinator unavailable, retrying %s in %.1fs", name, delay,
-                            extra=event("coordinator_retry", run_id=self.run_id,
-                                        session_id=self.session_id, call=name, wait_s=delay))
-                if self._stop.wait(delay):
-                    raise
-                delay = min(delay * 2, RETRY_MAX_S)
+        """Call the coordinator, waiting out an outage until it answers or ``close`` is called.
+        Every call made this way is idempotent (a step committed twice answers OK)."""
+        return call_retrying(name, method, request, give_up=self._stop.is_set,
+                             wait=self._stop.wait, logger=log, run_id=self.run_id,
+                             session_id=self.session_id)
 
     def commit_step(self, step: int, loss: float) -> list[common_pb2.SampleRef]:
         """Mark ``step`` trained; returns the samples whose tensors may now be freed."""
