@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -27,6 +29,18 @@ class ManualClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+class RetryCounter(logging.Handler):
+    """Counts retries of coordinator calls logged as action ``coordinator_retry``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = threading.Semaphore(0)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "action", None) == "coordinator_retry":
+            self.seen.release()
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from services.api import common_pb2
 from services.api import coordinator_pb2 as cpb
 from services.dataset import parse_line, prompt_id
 from services.store.memory import MemoryStore
+from tests.conftest import RetryCounter
 from tests.producer.helpers import create_run, lines, make_producer, read_all_steps, status
 
 LONG_USER = json.dumps({"conversations": [
@@ -223,18 +224,6 @@ def test_a_failing_stage_stops_the_loop_and_gives_leases_back(stub, engine,
     assert st.prompts["PENDING"] == 12
 
 
-class _RetryLog(logging.Handler):
-    """Counts the producer's retries of coordinator calls."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.retries = threading.Semaphore(0)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if getattr(record, "action", None) == "coordinator_retry":
-            self.retries.release()
-
-
 class _OutageEngine:
     """Stops the coordinator during the first capture, so the commit meets the outage."""
 
@@ -264,7 +253,7 @@ def test_producer_waits_out_a_coordinator_restart(sqlite_url: str, store, engine
     port = procs[0].port
     channel = open_channel(f"127.0.0.1:{port}")
     stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
-    handler = _RetryLog()
+    handler = RetryCounter()
     logging.getLogger("producer.worker").addHandler(handler)
     try:
         run = create_run(stub, llama_dir, lines(6), heartbeat_seconds=5)
@@ -275,7 +264,7 @@ def test_producer_waits_out_a_coordinator_restart(sqlite_url: str, store, engine
         worker.start()
         # More retries than the channel's own policy makes: the producer outlived it.
         for _ in range(6):
-            assert handler.retries.acquire(timeout=60), "the producer did not retry"
+            assert handler.seen.acquire(timeout=60), "the producer did not retry"
         assert worker.is_alive() and not result
         procs.append(start(f"127.0.0.1:{port}"))
         worker.join(timeout=120)

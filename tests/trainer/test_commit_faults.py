@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 from services.store import open_store
+from tests.conftest import RetryCounter
 from tests.trainer.coordinated import (
     Feeder,
     create_run,
@@ -16,18 +17,6 @@ from tests.trainer.coordinated import (
     status,
     store_url,
 )
-
-
-class _Retries(logging.Handler):
-    """Counts the session's retries of coordinator calls."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen = threading.Semaphore(0)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if getattr(record, "action", None) == "coordinator_retry":
-            self.seen.release()
 
 
 def test_a_step_commit_waits_out_a_coordinator_restart(tiny, coordinator, stub, master,
@@ -48,7 +37,7 @@ def test_a_step_commit_waits_out_a_coordinator_restart(tiny, coordinator, stub, 
         return commit(step, loss)
 
     runner.session.commit_step = commit_after_outage  # type: ignore[method-assign]
-    retries = _Retries()
+    retries = RetryCounter()
     logging.getLogger("trainer.session").addHandler(retries)
     result: dict[str, int] = {}
     training = threading.Thread(target=lambda: result.setdefault("step", runner.run()))
