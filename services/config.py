@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from services.api import run_pb2
+from services.capture import CapturePlanError, default_layer_ids, validate_layer_ids
 
 
 class _Section(BaseModel):
@@ -27,20 +28,101 @@ class TargetSection(_Section):
 
 class CaptureSection(_Section):
     aux_layer_ids: list[int] | None = None
-    """Three distinct target layers concatenated into aux_hidden_state; default [1, N//2-1, N-4]."""
+    """EAGLE3: three distinct ascending target layers concatenated into aux_hidden_state;
+    default [1, N//2-1, N-4]. DFlash and Domino name theirs in draft.dflash.target_layer_ids."""
     max_length: int = Field(2048, gt=0)
     """Prompts are truncated to this many tokens."""
     chat_template: str | None = None
     """Jinja chat template; default: the tokenizer's own."""
 
 
+class DFlashSection(_Section):
+    """The block-diffusion draft of ``dflash`` and ``domino``."""
+
+    num_hidden_layers: int = Field(1, gt=0, le=64)
+    """Decoder layers of the draft."""
+    target_layer_ids: list[int] | None = None
+    """Target layers captured into hidden_states (ascending, in [0, N-2]); default: the middle
+    layer for one draft layer, else evenly spread from 1 to N-3."""
+    block_size: int = Field(16, ge=2, le=64)
+    """Tokens per block: the anchor plus block_size - 1 drafted tokens."""
+    num_anchors: int = Field(512, gt=0, le=4096)
+    """Blocks sampled per sequence per step."""
+    loss_decay_gamma: float = Field(0.0, ge=0, allow_inf_nan=False)
+    """Block position k >= 1 weighs exp(-(k-1)/gamma) in the loss; 0 weighs all alike.
+    7 suits block_size 16, 5 suits 10, 4 suits 8."""
+    mask_token_id: int | None = Field(None, ge=0)
+    """Token filling a block after its anchor. Default: the tokenizer's mask token, else the
+    first unused embedding row (len(tokenizer) when the embedding is larger), else pad/eos."""
+    layer_types: list[Literal["full_attention", "sliding_attention"]] | None = None
+    """Attention of each draft layer; default all full_attention."""
+    sliding_window: int = Field(0, ge=0)
+    """Window of sliding_attention layers in tokens (required when any layer slides)."""
+    attention_backend: Literal["sdpa", "eager"] = "sdpa"
+    """Attention implementation used for training."""
+    objective_chunk_blocks: int = Field(128, ge=0)
+    """Blocks per chunk of the loss (bounds logits memory); 0 computes all at once."""
+
+    @model_validator(mode="after")
+    def _layers_consistent(self) -> DFlashSection:
+        if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"draft.dflash.layer_types lists {len(self.layer_types)} layers, "
+                f"num_hidden_layers is {self.num_hidden_layers}")
+        if (self.layer_types and "sliding_attention" in self.layer_types
+                and self.sliding_window <= 0):
+            raise ValueError("draft.dflash.sliding_window must be > 0 when a layer is "
+                             "sliding_attention")
+        return self
+
+
+class DominoSection(_Section):
+    """Domino's correction head (a GRU over previous tokens plus a low-rank projector)."""
+
+    emb_dim: int = Field(gt=0)
+    """Width of the projector's hidden layer (256 for Qwen3-8B)."""
+    gru_hidden_dim: int = Field(gt=0)
+    """Hidden size of the GRU (1024 for Qwen3-8B)."""
+    shift_label: bool = True
+    """Block position k predicts the token at anchor + 1 + k, every position supervised."""
+    pure_draft_prefix_len: Literal[1] = 1
+    """Leading positions left to the base logits; SGLang serves only 1."""
+    lambda_base_start: float = Field(1.0, ge=0, le=1)
+    """Weight of the base (backbone-only) loss at step 0."""
+    lambda_base_decay_ratio: float = Field(1.0, gt=0, le=1)
+    """The base-loss weight falls linearly to 0 over this fraction of training.total_steps."""
+
+
 class DraftSection(_Section):
-    algorithm: str = "eagle3"
-    """Draft strategy in the trainer's registry."""
+    algorithm: Literal["eagle3", "dflash", "domino"] = "eagle3"
+    """Draft strategy: eagle3, dflash (block diffusion) or domino (dflash plus a GRU head)."""
     draft_vocab_size: int = Field(32000, gt=0)
-    """Size of the draft vocabulary; the most frequent loss-masked target tokens."""
-    ttt_length: int = Field(7, gt=0)
-    """Training-time-test unroll length."""
+    """EAGLE3: size of the draft vocabulary; the most frequent loss-masked target tokens."""
+    ttt_length: int = Field(7, gt=0, le=64)
+    """EAGLE3: training-time-test unroll length."""
+    dflash: DFlashSection | None = None
+    """DFlash and Domino: the draft (defaults apply when omitted)."""
+    domino: DominoSection | None = None
+    """Domino: the correction head; required for domino."""
+
+    @model_validator(mode="after")
+    def _fields_fit_algorithm(self) -> DraftSection:
+        family = self.algorithm in ("dflash", "domino")
+        if family:
+            wrong = sorted({"draft_vocab_size", "ttt_length"} & self.model_fields_set)
+            if wrong:
+                raise ValueError(f"draft.{wrong[0]} applies to eagle3 only; "
+                                 f"{self.algorithm} drafts over the full target vocabulary")
+            if self.dflash is None:
+                self.dflash = DFlashSection()
+        elif self.dflash is not None:
+            raise ValueError("draft.dflash applies to dflash and domino only")
+        if self.algorithm == "domino" and self.domino is None:
+            raise ValueError("draft.domino is required for domino: set emb_dim and "
+                             "gru_hidden_dim (e.g. 256 and 1024 for a Qwen3-8B target)")
+        if self.algorithm != "domino" and self.domino is not None:
+            raise ValueError("draft.domino applies to domino only")
+        return self
 
 
 class StepSection(_Section):
@@ -63,6 +145,9 @@ class TrainingSection(_Section):
     """Seed for the draft's initialisation and any sampling."""
     max_grad_norm: float = Field(0.5, ge=0)
     """Gradient clipping norm; 0 disables clipping."""
+    total_steps: int | None = Field(None, gt=0)
+    """Optimizer steps the run trains, the horizon of schedules (Domino's base-loss weight);
+    default: samples (prompts x epochs) over samples per step, fixed at run creation."""
 
 
 class LeaseSection(_Section):
@@ -118,6 +203,19 @@ class RunConfigFile(_Section):
     lease: LeaseSection = LeaseSection()
     watermark: WatermarkSection = WatermarkSection()
 
+    @model_validator(mode="after")
+    def _capture_fits_algorithm(self) -> RunConfigFile:
+        if self.draft.algorithm != "eagle3" and self.capture.aux_layer_ids is not None:
+            raise ValueError("capture.aux_layer_ids applies to eagle3 only; "
+                             f"{self.draft.algorithm} captures draft.dflash.target_layer_ids")
+        return self
+
+    def layer_ids(self) -> list[int] | None:
+        """The target layers this config names for capture, if any."""
+        if self.draft.dflash is not None:
+            return self.draft.dflash.target_layer_ids
+        return self.capture.aux_layer_ids
+
     def dataset_path(self, config_path: Path) -> Path:
         p = Path(self.dataset).expanduser()
         return p if p.is_absolute() else (config_path.parent / p)
@@ -150,9 +248,33 @@ def load_run_config(path: str | Path) -> RunConfigFile:
         raise ConfigError(f"{path} has invalid fields:\n" + "\n".join(lines)) from None
 
 
+def draft_proto(draft: DraftSection, mask_token_id: int | None = None) -> run_pb2.DraftConfig:
+    """The wire ``DraftConfig``; ``mask_token_id`` is the one run creation resolved."""
+    if draft.dflash is None:
+        return run_pb2.DraftConfig(algorithm=draft.algorithm,
+                                   draft_vocab_size=draft.draft_vocab_size,
+                                   ttt_length=draft.ttt_length)
+    d = draft.dflash
+    resolved = d.mask_token_id if d.mask_token_id is not None else mask_token_id
+    if resolved is None:
+        raise ConfigError("draft.dflash.mask_token_id: could not be resolved; set it")
+    msg = run_pb2.DraftConfig(
+        algorithm=draft.algorithm,
+        dflash=run_pb2.DFlashConfig(
+            num_hidden_layers=d.num_hidden_layers, block_size=d.block_size,
+            num_anchors=d.num_anchors, loss_decay_gamma=d.loss_decay_gamma,
+            mask_token_id=resolved,
+            layer_types=d.layer_types or ["full_attention"] * d.num_hidden_layers,
+            sliding_window=d.sliding_window, attention_backend=d.attention_backend,
+            objective_chunk_blocks=d.objective_chunk_blocks))
+    if draft.domino is not None:
+        msg.domino.CopyFrom(run_pb2.DominoConfig(**draft.domino.model_dump()))
+    return msg
+
+
 def to_proto(cfg: RunConfigFile, *, num_layers: int, hidden_size: int, vocab_size: int,
              tokenizer_hash: str, aux_layer_ids: list[int], model_path: str | None = None,
-             ) -> run_pb2.RunConfig:
+             mask_token_id: int | None = None) -> run_pb2.RunConfig:
     """Build the wire config; model facts come from the target directory."""
     return run_pb2.RunConfig(
         target=run_pb2.TargetConfig(
@@ -168,9 +290,10 @@ def to_proto(cfg: RunConfigFile, *, num_layers: int, hidden_size: int, vocab_siz
             max_length=cfg.capture.max_length,
             chat_template=cfg.capture.chat_template or "",
         ),
-        draft=run_pb2.DraftConfig(**cfg.draft.model_dump()),
+        draft=draft_proto(cfg.draft, mask_token_id),
         step=run_pb2.StepGeometry(**cfg.step.model_dump()),
-        training=run_pb2.TrainingConfig(**cfg.training.model_dump()),
+        training=run_pb2.TrainingConfig(**cfg.training.model_dump(exclude={"total_steps"}),
+                                        total_steps=cfg.training.total_steps or 0),
         lease=run_pb2.LeaseConfig(**cfg.lease.model_dump()),
         watermark=run_pb2.WatermarkConfig(**cfg.watermark.model_dump()),
         epochs=cfg.epochs,
@@ -183,16 +306,12 @@ def to_proto(cfg: RunConfigFile, *, num_layers: int, hidden_size: int, vocab_siz
 
 def default_aux_layers(num_layers: int) -> list[int]:
     """EAGLE3's default capture layers: [1, N//2-1, N-4]."""
-    return [1, num_layers // 2 - 1, num_layers - 4]
+    return default_layer_ids("eagle3", num_layers)
 
 
 def validate_aux_layers(ids: list[int], num_layers: int) -> None:
-    """Three distinct ids in [0, N-2]; the last layer's output is the post-norm hidden state."""
-    if len(ids) != 3 or len(set(ids)) != 3:
-        raise ConfigError(f"capture.aux_layer_ids must be three distinct layer ids, got {ids}")
-    bad = [i for i in ids if i < 0 or i >= num_layers - 1]
-    if bad:
-        raise ConfigError(
-            f"capture.aux_layer_ids {bad} out of range: the target has {num_layers} layers, "
-            f"so ids must be in [0, {num_layers - 2}]"
-        )
+    """Three distinct ascending ids in [0, N-2] (see ``services.capture``)."""
+    try:
+        validate_layer_ids(ids, num_layers, "capture.aux_layer_ids", count=3)
+    except CapturePlanError as exc:
+        raise ConfigError(str(exc)) from None

@@ -32,6 +32,8 @@ class TrainerConfig:
     """Training-time-test unroll length."""
     geometry: Geometry = field(default_factory=Geometry)
     """World size, micro-batch and accumulation."""
+    total_steps: int | None = None
+    """The run's optimizer-step horizon, for schedules (Domino's lambda); None when unknown."""
 
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:

@@ -28,7 +28,7 @@ from trainer.parallel import (
 )
 from trainer.steps import StepBundle, StepSource
 from trainer.strategies import get_strategy
-from trainer.strategies.base import DraftSettings, StrategySpec
+from trainer.strategies.base import DraftSettings, StepContext, StrategySpec
 from trainer.target_head import TargetHead, load_target_head
 
 log = logging.getLogger(__name__)
@@ -102,13 +102,17 @@ class Trainer:
                 bundle.samples[i * geo.micro_batch : (i + 1) * geo.micro_batch]).items()}
             for i in range(geo.accumulation)
         ]
+        if self.strategy.prepare is not None:
+            micro = [self.strategy.prepare(mb, self.row_seeds(bundle.step, i).to(device))
+                     for i, mb in enumerate(micro)]
+        ctx = StepContext(completed_steps=self.step, total_steps=self.cfg.total_steps)
         norm = all_reduce_sum(sum(self.strategy.normaliser(mb) for mb in micro), self.dist)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
         for i, mb in enumerate(micro):
             with grad_sync(self.model, enabled=i == len(micro) - 1):
-                out = self.strategy.loss(self.model, self.head, mb, norm)
+                out = self.strategy.loss(self.model, self.head, mb, norm, ctx)
                 # The loss is already divided by the step-wide count; data parallelism averages
                 # gradients over ranks, so scale back to a plain sum.
                 (out.loss * self.dist.world_size).backward()
@@ -132,6 +136,15 @@ class Trainer:
                 self.label_counts.max() / self.label_counts.sum().clamp(min=1))
         self.last_metrics = metrics
         return metrics
+
+    def row_seeds(self, step: int, micro_index: int) -> torch.Tensor:
+        """One seed per row of micro-batch ``micro_index`` of ``step``: a function of the run
+        seed, the step and the row's place in the whole step (not of the rank layout)."""
+        geo = self.cfg.geometry
+        first = self.dist.rank * geo.per_rank + micro_index * geo.micro_batch
+        rows = torch.arange(first, first + geo.micro_batch, dtype=torch.int64)
+        # A fixed odd-multiplier mix keeps seeds distinct across steps, rows and run seeds.
+        return (self.cfg.seed * 1_000_003 + step) * 1_000_033 + rows
 
     # -- the loop ---------------------------------------------------------------------------
     def run(

@@ -52,7 +52,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., key: _Optional[str] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class SampleRef(_message.Message):
-    __slots__ = ("run_id", "sample_id", "prompt_id", "epoch", "generation", "store", "tensors", "num_tokens", "producer_id", "meta")
+    __slots__ = ("run_id", "sample_id", "prompt_id", "epoch", "generation", "store", "tensors", "num_tokens", "producer_id", "meta", "capture")
     class MetaEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class SampleRef(_message.Message):
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PRODUCER_ID_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
+    CAPTURE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     sample_id: str
     prompt_id: str
@@ -80,4 +81,15 @@ class SampleRef(_message.Message):
     num_tokens: int
     producer_id: str
     meta: _containers.ScalarMap[str, str]
-    def __init__(self, run_id: _Optional[str] = ..., sample_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., epoch: _Optional[int] = ..., generation: _Optional[int] = ..., store: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., num_tokens: _Optional[int] = ..., producer_id: _Optional[str] = ..., meta: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    capture: CapturePlan
+    def __init__(self, run_id: _Optional[str] = ..., sample_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., epoch: _Optional[int] = ..., generation: _Optional[int] = ..., store: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., num_tokens: _Optional[int] = ..., producer_id: _Optional[str] = ..., meta: _Optional[_Mapping[str, str]] = ..., capture: _Optional[_Union[CapturePlan, _Mapping]] = ...) -> None: ...
+
+class CapturePlan(_message.Message):
+    __slots__ = ("layer_ids", "layers_tensor", "final_hidden")
+    LAYER_IDS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_TENSOR_FIELD_NUMBER: _ClassVar[int]
+    FINAL_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    layer_ids: _containers.RepeatedScalarFieldContainer[int]
+    layers_tensor: str
+    final_hidden: bool
+    def __init__(self, layer_ids: _Optional[_Iterable[int]] = ..., layers_tensor: _Optional[str] = ..., final_hidden: _Optional[bool] = ...) -> None: ...

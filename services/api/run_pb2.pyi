@@ -67,14 +67,56 @@ class CaptureConfig(_message.Message):
     def __init__(self, aux_layer_ids: _Optional[_Iterable[int]] = ..., max_length: _Optional[int] = ..., chat_template: _Optional[str] = ...) -> None: ...
 
 class DraftConfig(_message.Message):
-    __slots__ = ("algorithm", "draft_vocab_size", "ttt_length")
+    __slots__ = ("algorithm", "draft_vocab_size", "ttt_length", "dflash", "domino")
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     DRAFT_VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     TTT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    DFLASH_FIELD_NUMBER: _ClassVar[int]
+    DOMINO_FIELD_NUMBER: _ClassVar[int]
     algorithm: str
     draft_vocab_size: int
     ttt_length: int
-    def __init__(self, algorithm: _Optional[str] = ..., draft_vocab_size: _Optional[int] = ..., ttt_length: _Optional[int] = ...) -> None: ...
+    dflash: DFlashConfig
+    domino: DominoConfig
+    def __init__(self, algorithm: _Optional[str] = ..., draft_vocab_size: _Optional[int] = ..., ttt_length: _Optional[int] = ..., dflash: _Optional[_Union[DFlashConfig, _Mapping]] = ..., domino: _Optional[_Union[DominoConfig, _Mapping]] = ...) -> None: ...
+
+class DFlashConfig(_message.Message):
+    __slots__ = ("num_hidden_layers", "block_size", "num_anchors", "loss_decay_gamma", "mask_token_id", "layer_types", "sliding_window", "attention_backend", "objective_chunk_blocks")
+    NUM_HIDDEN_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_ANCHORS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_DECAY_GAMMA_FIELD_NUMBER: _ClassVar[int]
+    MASK_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_TYPES_FIELD_NUMBER: _ClassVar[int]
+    SLIDING_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_CHUNK_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    num_hidden_layers: int
+    block_size: int
+    num_anchors: int
+    loss_decay_gamma: float
+    mask_token_id: int
+    layer_types: _containers.RepeatedScalarFieldContainer[str]
+    sliding_window: int
+    attention_backend: str
+    objective_chunk_blocks: int
+    def __init__(self, num_hidden_layers: _Optional[int] = ..., block_size: _Optional[int] = ..., num_anchors: _Optional[int] = ..., loss_decay_gamma: _Optional[float] = ..., mask_token_id: _Optional[int] = ..., layer_types: _Optional[_Iterable[str]] = ..., sliding_window: _Optional[int] = ..., attention_backend: _Optional[str] = ..., objective_chunk_blocks: _Optional[int] = ...) -> None: ...
+
+class DominoConfig(_message.Message):
+    __slots__ = ("emb_dim", "gru_hidden_dim", "shift_label", "pure_draft_prefix_len", "lambda_base_start", "lambda_base_decay_ratio")
+    EMB_DIM_FIELD_NUMBER: _ClassVar[int]
+    GRU_HIDDEN_DIM_FIELD_NUMBER: _ClassVar[int]
+    SHIFT_LABEL_FIELD_NUMBER: _ClassVar[int]
+    PURE_DRAFT_PREFIX_LEN_FIELD_NUMBER: _ClassVar[int]
+    LAMBDA_BASE_START_FIELD_NUMBER: _ClassVar[int]
+    LAMBDA_BASE_DECAY_RATIO_FIELD_NUMBER: _ClassVar[int]
+    emb_dim: int
+    gru_hidden_dim: int
+    shift_label: bool
+    pure_draft_prefix_len: int
+    lambda_base_start: float
+    lambda_base_decay_ratio: float
+    def __init__(self, emb_dim: _Optional[int] = ..., gru_hidden_dim: _Optional[int] = ..., shift_label: _Optional[bool] = ..., pure_draft_prefix_len: _Optional[int] = ..., lambda_base_start: _Optional[float] = ..., lambda_base_decay_ratio: _Optional[float] = ...) -> None: ...
 
 class StepGeometry(_message.Message):
     __slots__ = ("world_size", "micro_batch", "accumulation")
@@ -87,18 +129,20 @@ class StepGeometry(_message.Message):
     def __init__(self, world_size: _Optional[int] = ..., micro_batch: _Optional[int] = ..., accumulation: _Optional[int] = ...) -> None: ...
 
 class TrainingConfig(_message.Message):
-    __slots__ = ("learning_rate", "warmup_steps", "checkpoint_every", "seed", "max_grad_norm")
+    __slots__ = ("learning_rate", "warmup_steps", "checkpoint_every", "seed", "max_grad_norm", "total_steps")
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     learning_rate: float
     warmup_steps: int
     checkpoint_every: int
     seed: int
     max_grad_norm: float
-    def __init__(self, learning_rate: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., seed: _Optional[int] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
+    total_steps: int
+    def __init__(self, learning_rate: _Optional[float] = ..., warmup_steps: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., seed: _Optional[int] = ..., max_grad_norm: _Optional[float] = ..., total_steps: _Optional[int] = ...) -> None: ...
 
 class LeaseConfig(_message.Message):
     __slots__ = ("lease_seconds", "heartbeat_seconds", "heartbeat_misses", "max_attempts", "max_deliveries")

@@ -47,6 +47,16 @@ class DraftSettings:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class StepContext:
+    """Where the optimizer step being computed stands in the run (for schedule-dependent losses)."""
+
+    completed_steps: int = 0
+    """Optimizer steps applied before this one; constant across its micro-batches."""
+    total_steps: int | None = None
+    """The run's optimizer-step horizon, when known (``training.total_steps``)."""
+
+
 @dataclass
 class LossOutput:
     """The differentiable loss of one micro-batch plus summed (not averaged) metric counts."""
@@ -67,9 +77,15 @@ class StrategySpec:
     normaliser: Callable[[Batch], torch.Tensor]
     """Per-batch counts the loss is divided by once summed over the whole step (all ranks)."""
     build_model: Callable[[DraftSettings], nn.Module]
-    loss: Callable[[nn.Module, TargetHead, Batch, torch.Tensor], LossOutput]
-    """(model, frozen target head, batch, step-wide normaliser) -> loss and metric sums."""
+    loss: Callable[[nn.Module, TargetHead, Batch, torch.Tensor, StepContext], LossOutput]
+    """(model, frozen target head, batch, step-wide normaliser, step context) -> loss and
+    metric sums."""
     summarise: Callable[[Mapping[str, torch.Tensor]], dict[str, float]]
     """Turn step-wide metric sums into reported metrics."""
     export: Callable[[nn.Module, Path, DraftSettings], list[str]]
     """Write the servable files into a directory; return the tensor names written."""
+    prepare: Callable[[Batch, torch.Tensor], Batch] | None = None
+    """Optional: complete a collated micro-batch before the normaliser and loss see it, given
+    one int64 seed per row (derived from the run seed, the step and the row's place in the
+    whole step, so the result does not depend on ranks, batching or where features came from).
+    Strategies that sample per row (DFlash's anchors) do it here."""

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from trainer.strategies.base import Batch, LossOutput
+from trainer.strategies.base import Batch, LossOutput, StepContext
 from trainer.target_head import TargetHead
 
 TEACHER_CHUNK = 256
@@ -67,7 +67,7 @@ def teacher(head: TargetHead, batch: Batch, draft_ids: torch.Tensor, t2d: torch.
 
 def loss(
     model: torch.nn.Module, head: TargetHead, batch: Batch, norm: torch.Tensor,
-    ttt_length: int, decay: float,
+    ctx: StepContext | None = None, *, ttt_length: int, decay: float,
 ) -> LossOutput:
     """Forward the draft over ``batch`` and return the step-normalised loss and metric sums."""
     inner = getattr(model, "module", model)
