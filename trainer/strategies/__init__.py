@@ -14,7 +14,21 @@ def _eagle3(**options: Any) -> StrategySpec:
     return spec(**options)
 
 
+def _dflash(**options: Any) -> StrategySpec:
+    from trainer.strategies.dflash import spec
+
+    return spec(**options)
+
+
+def _domino(**options: Any) -> StrategySpec:
+    from trainer.strategies.dflash import domino_spec
+
+    return domino_spec(**options)
+
+
 STRATEGIES: dict[str, Callable[..., StrategySpec]] = {
+    "dflash": _dflash,
+    "domino": _domino,
     "eagle3": _eagle3,
 }
 
@@ -22,7 +36,8 @@ STRATEGIES: dict[str, Callable[..., StrategySpec]] = {
 def get_strategy(name: str, **options: Any) -> StrategySpec:
     """Return the spec for ``name`` (the run config's ``draft.algorithm``).
 
-    ``options`` go to the strategy's factory (for EAGLE3: ``ttt_length``, ``decay``).
+    ``options`` go to the strategy's factory (for EAGLE3: ``ttt_length``, ``decay``; for DFlash
+    and Domino: the fields of ``DFlashOptions`` / ``DominoOptions``).
     """
     try:
         factory = STRATEGIES[name]
