@@ -31,7 +31,11 @@ def export_draft(trainer: Trainer, out_dir: str | Path, overwrite: bool = False,
     try:
         names = trainer.strategy.export(model if model is not None else trainer.model, tmp,
                                         trainer.settings)
+        # safetensors writes 0600; a served draft is read by other users (SGLang, a host
+        # reading a container's volume), so files get the mode the umask allows, as open() gives.
+        mode = 0o666 & ~_umask()
         for f in tmp.iterdir():
+            os.chmod(f, mode)
             fd = os.open(f, os.O_RDONLY)
             try:
                 os.fsync(fd)
@@ -48,3 +52,17 @@ def export_draft(trainer: Trainer, out_dir: str | Path, overwrite: bool = False,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return names
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux allows (threads write files
+    meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -59,3 +59,20 @@ def test_export_round_trip(tiny, tmp_path: Path) -> None:
         export_draft(trainer, out)
     export_draft(trainer, out, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["final"]
+
+
+def test_exported_files_take_the_umask_mode(tiny, tmp_path: Path) -> None:
+    """Whoever serves the draft may be another user: files are not left 0600 (safetensors'
+    own mode) but get what the umask allows, as any file this process creates."""
+    import os
+
+    geo = Geometry(1, 2, 1)
+    trainer = make_trainer(tiny, geometry=geo)
+    out = tmp_path / "final"
+    old = os.umask(0o022)
+    try:
+        export_draft(trainer, out)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes
