@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -29,27 +30,32 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from draftflow.paths import DEFAULT_CONFIG, DEFAULT_WORKDIR, EXAMPLES, TINY_TARGET
+from draftflow.runtime_env import thread_env
 from draftflow.stack import Child, Stack
 from draftflow.up_report import Summary, TrainerWatch, final_figures
 from services.api import coordinator_pb2 as cpb
 from services.api import coordinator_pb2_grpc
 from services.logs import event
 from services.rpc.client import open_channel
-from services.store.mooncake_proc import MasterHandle, start_holder, start_master
+from services.store.mooncake_proc import (
+    MasterHandle,
+    free_ports,
+    master_binary,
+    start_holder,
+    start_master,
+)
 from trainer import STATUS_FILE
 
 log = logging.getLogger(__name__)
-
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO / "examples" / "tiny.yaml"
 
 
 @dataclass
 class UpOptions:
     config: Path = DEFAULT_CONFIG
     """Run config; the default trains a tiny target built locally."""
-    workdir: Path = REPO / ".draftflow"
-    """Database, logs, checkpoints and the exported draft go here."""
+    workdir: Path = DEFAULT_WORKDIR
+    """Database, logs, the tiny target, checkpoints and the exported draft go here."""
     producers: int = 1
     """Producer processes."""
     segment_mb: int = 1024
@@ -96,26 +102,49 @@ def _wait_healthy(target: str, child: Child, timeout_s: float = 60.0) -> None:
 
 
 def _thread_env(device: str, processes: int) -> dict[str, str]:
-    """Split this machine's cores among the CPU roles.
-
-    Each torch process otherwise starts one thread per core; a producer and a trainer on the
-    same cores then slow each other down several times over.
-    """
+    """Split this machine's cores among the CPU roles (``OMP_NUM_THREADS`` set wins)."""
     if device != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return {}
-    threads = str(max(1, (os.cpu_count() or 1) // max(processes, 1)))
-    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    return thread_env(processes)
 
 
-def _prepare_target(config_path: Path, console: Console) -> Path:
-    """The target's directory; the tiny target is built there when the default config names it."""
+def _preflight() -> None:
+    """Check what the stack needs at run time before anything slow is built."""
+    try:
+        master_binary()
+        import mooncake.store  # noqa: F401  (the holder's and the roles' client)
+    except (FileNotFoundError, ImportError) as exc:
+        raise UpError(f"Mooncake is missing ({exc}); install it with "
+                      "pip install 'draftflow[mooncake]'") from None
+    try:
+        free_ports(4)
+    except OSError as exc:
+        raise UpError(f"cannot bind a free TCP port on 127.0.0.1 ({exc}); the coordinator, "
+                      "Mooncake and the roles each listen on one") from None
+
+
+def _target_path(config_path: Path, work: Path) -> Path:
+    """Where the run's target lives for this ``up``.
+
+    A bundled example's relative ``target.model_path`` names the work directory's tiny target
+    (``../.draftflow/tiny-target`` beside ``examples/`` in a checkout), so an installed
+    ``draftflow`` builds it under ``--workdir``, not inside the package.
+    """
     from services.config import load_run_config
 
     cfg = load_run_config(config_path)
-    model = cfg.model_path(config_path).resolve()
+    if (config_path.resolve().parent == EXAMPLES.resolve()
+            and not Path(cfg.target.model_path).is_absolute()):
+        return work / TINY_TARGET
+    return cfg.model_path(config_path).resolve()
+
+
+def _prepare_target(config_path: Path, work: Path, console: Console) -> Path:
+    """The target's directory; the tiny target is built there when a bundled example names it."""
+    model = _target_path(config_path, work)
     if (model / "config.json").is_file():
         return model
-    if config_path.resolve() != DEFAULT_CONFIG.resolve():
+    if model != work / TINY_TARGET:
         raise UpError(f"target.model_path {model} has no model; point the config at a local "
                       "Hugging Face model directory")
     from services.tiny_model import build_example_target
@@ -148,8 +177,13 @@ def run(opts: UpOptions) -> int:
         for name in ("coordinator.db", "coordinator.db-wal", "coordinator.db-shm"):
             (work / name).unlink(missing_ok=True)
         shutil.rmtree(work / "runs", ignore_errors=True)
-    (work / "logs").mkdir(parents=True, exist_ok=True)
-    model_path = _prepare_target(config, console)
+    try:
+        _preflight()
+        (work / "logs").mkdir(parents=True, exist_ok=True)
+        model_path = _prepare_target(config, work, console)
+    except UpError as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}")
+        return 1
     stack = Stack(work / "logs")
     master: MasterHandle | None = None
     holder = None
@@ -168,7 +202,7 @@ def run(opts: UpOptions) -> int:
             _wait_healthy(target, coordinator)
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(open_channel(target))
         with console.status("creating the run (tokenizing the dataset, building the vocab map)"):
-            run_obj = _create_run(stub, config)
+            run_obj = _create_run(stub, config, model_path)
         run_id = run_obj.run_id
         out_dir = work / "runs" / run_id
         console.print(f"run [bold]{run_id}[/]: {run_obj.num_prompts} prompts x "
@@ -233,10 +267,12 @@ def run(opts: UpOptions) -> int:
             master.stop()
 
 
-def _create_run(stub: Any, config: Path) -> cpb.Run:
+def _create_run(stub: Any, config: Path, model_path: Path) -> cpb.Run:
     from draftflow.run_cli import create_run, create_run_request
 
-    request = create_run_request(config)
+    request = create_run_request(config, model_path)
+    # The roles of this `up` read the target where it was prepared.
+    request.config.target.model_path = str(model_path)
     try:
         return create_run(stub, request).run
     except grpc.RpcError as exc:

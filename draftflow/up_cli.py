@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from draftflow.paths import DEFAULT_CONFIG, DEFAULT_WORKDIR
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from draftflow.up import DEFAULT_CONFIG, REPO
-
     p = sub.add_parser(
         "up",
         help="run everything on this machine: coordinator, Mooncake, producers, trainer",
@@ -28,9 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                   help=f"run config YAML (default {DEFAULT_CONFIG.relative_to(REPO)})")
-    p.add_argument("--workdir", type=Path, default=REPO / ".draftflow",
-                   help="database, logs, checkpoints and the export (default .draftflow)")
+                   help="run config YAML (default: examples/tiny.yaml, bundled with draftflow)")
+    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+                   help="database, logs, tiny target, checkpoints and the export (default "
+                   f"{DEFAULT_WORKDIR} in the current directory)")
     p.add_argument("--producers", type=int, default=1, help="producer processes (default 1)")
     p.add_argument("--segment-mb", type=int, default=1024,
                    help="MiB the Mooncake holder contributes for features in flight "

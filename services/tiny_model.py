@@ -23,7 +23,10 @@ from typing import Literal
 from services.dataset import BadRow, parse_line
 
 Arch = Literal["llama", "qwen3"]
-DEFAULT_DATASET = Path(__file__).resolve().parent.parent / "examples/data/conversations.jsonl"
+# The example conversations, through the package's copy of examples/ so an installed draftflow
+# has them too (in a checkout, draftflow/examples is a link to examples/).
+DEFAULT_DATASET = (Path(__file__).resolve().parent.parent / "draftflow" / "examples" / "data"
+                   / "conversations.jsonl")
 MARKER = "draftflow_tiny.json"
 
 BOS, END, PAD = "<s>", "<|end|>", "<pad>"
