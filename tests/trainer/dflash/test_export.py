@@ -116,6 +116,8 @@ def test_export_refuses_other_captured_layers(tmp_path: Path) -> None:
      r"draft.dflash.layer_types=\['full_attention'\]: must list num_hidden_layers=2"),
     ("dflash", {"mask_token_id": 1, "layer_types": ["sliding_attention"]},
      "draft.dflash.sliding_window=0: must be > 0"),
+    ("dflash", {"mask_token_id": 1, "layer_types": "full_attention"},
+     "draft.dflash.layer_types='full_attention': must be a list"),
     ("dflash", {"mask_token_id": 1, "attention_backend": "flex"},
      "draft.dflash.attention_backend='flex'"),
     ("dflash", {"mask_token_id": 1, "emb_dim": 4}, r"draft.dflash: unknown option\(s\)"),

@@ -169,8 +169,11 @@ def parse_options(algorithm: str, options: Mapping[str, Any]) -> DFlashOptions:
             raise ValueError(f"{section}.{name} is required: it has no safe default "
                              "(mask_token_id: an unused embedding row of the target)")
     values = dict(options)
-    if values.get("layer_types") is not None:
-        values["layer_types"] = tuple(values["layer_types"])
+    types = values.get("layer_types")
+    if types is not None:
+        if isinstance(types, str) or not isinstance(types, Sequence):
+            raise _fail(section, "layer_types", types, "must be a list of layer types")
+        values["layer_types"] = tuple(types)
     parsed = cls(**values)
     parsed.check(section)
     return parsed
