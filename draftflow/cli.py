@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from draftflow import runtime_env
 
 # Modules that contribute subcommands, in the order --help lists them.
 _COMMAND_MODULES = (
@@ -30,6 +33,8 @@ Several nodes:
   draftflow producer --coordinator HOST:50051 --run RUN --engine hf
   torchrun --nproc-per-node 8 -m draftflow trainer --coordinator HOST:50051 --run-id RUN
 Every flag also reads an environment variable (shown in each command's --help).
+DRAFTFLOW_TOKEN_FILE names a file holding the token when DRAFTFLOW_TOKEN is not set;
+DRAFTFLOW_CPU_PROCESSES=N gives each of N processes sharing the cores its share of threads.
 """
 
 
@@ -57,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before the parser: flags take their defaults from the environment.
+    try:
+        runtime_env.apply(os.environ)
+    except runtime_env.SettingError as exc:
+        print(f"draftflow: {exc}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

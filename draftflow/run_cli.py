@@ -37,8 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     create.add_argument("config", help="run config YAML (see examples/)")
     create.add_argument("--model-path", default=None,
-                        help="read the target here instead of target.model_path (the config's "
-                        "path is still what producers and trainers use)")
+                        help="read the target here instead of target.model_path (producers and "
+                        "trainers still use the config's path, unless given their own "
+                        "--model-path)")
     _coordinator_flags(create)
     create.set_defaults(func=_create)
 
@@ -88,6 +89,15 @@ def _fail(exc: Any) -> int:
     raise exc
 
 
+def run_model_path(config_path: str | Path, model_path: str) -> str:
+    """``target.model_path`` as the run records it: a relative path is made absolute against
+    the config file's directory, so every role reads the same directory, whatever its own
+    working directory (a node whose copy lives elsewhere passes ``--model-path``)."""
+    if Path(model_path).expanduser().is_absolute():
+        return model_path
+    return os.path.normpath(Path(config_path).absolute().parent / model_path)
+
+
 def create_run_request(config_path: str | Path, model_path: str | Path | None = None) -> Any:
     """Build a ``CreateRunRequest`` from a config file, reading the target and dataset here."""
     from producer.vocab import describe_run, run_config_proto
@@ -101,7 +111,7 @@ def create_run_request(config_path: str | Path, model_path: str | Path | None = 
         raise SystemExit(f"error: dataset {dataset} does not exist (config field 'dataset')")
     lines = dataset.read_text().splitlines()
     facts = describe_run(model_path or cfg.model_path(config_path), cfg, lines)
-    config = run_config_proto(cfg, facts)
+    config = run_config_proto(cfg, facts, run_model_path(config_path, cfg.target.model_path))
     return cpb.CreateRunRequest(run_id=cfg.run_id, config=config, dataset_lines=lines,
                                 vocab_map=facts.vocab_map)
 
