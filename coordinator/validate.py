@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import re
 
+from google.protobuf.message import Message
+
 from services.api import common_pb2, run_pb2
-from services.config import ConfigError, validate_aux_layers
+from services.capture import DFLASH_FAMILY, CapturePlanError, plan_for
 from services.errors import InvalidArgument
 from services.fingerprint import vocab_map_hash
 from services.tensors import validate_specs
@@ -49,18 +52,14 @@ def run_config(cfg: run_pb2.RunConfig, vocab: run_pb2.VocabMap) -> None:
     for name in ("num_layers", "hidden_size", "vocab_size"):
         positive(getattr(t, name), f"config.target.{name}")
     try:
-        validate_aux_layers(list(cfg.capture.aux_layer_ids), t.num_layers)
-    except ConfigError as exc:
+        plan_for(cfg.draft.algorithm, list(cfg.capture.aux_layer_ids), t.num_layers)
+    except CapturePlanError as exc:
         raise InvalidArgument(f"config.{exc}") from None
     positive(cfg.capture.max_length, "config.capture.max_length")
-    required(cfg.draft.algorithm, "config.draft.algorithm")
-    positive(cfg.draft.draft_vocab_size, "config.draft.draft_vocab_size")
-    positive(cfg.draft.ttt_length, "config.draft.ttt_length")
-    if cfg.draft.draft_vocab_size > t.vocab_size:
-        raise InvalidArgument(
-            f"config.draft.draft_vocab_size: {cfg.draft.draft_vocab_size} exceeds the target "
-            f"vocabulary ({t.vocab_size})"
-        )
+    if cfg.draft.algorithm in DFLASH_FAMILY:
+        dflash_draft(cfg, vocab)
+    else:
+        eagle3_draft(cfg, vocab)
     for name in ("world_size", "micro_batch", "accumulation"):
         positive(getattr(cfg.step, name), f"config.step.{name}")
     positive(cfg.epochs, "config.epochs")
@@ -76,6 +75,18 @@ def run_config(cfg: run_pb2.RunConfig, vocab: run_pb2.VocabMap) -> None:
         raise InvalidArgument("config.watermark.low_bytes: must be <= high_bytes")
     if cfg.retain == run_pb2.RETAIN_POLICY_UNSPECIFIED:
         raise InvalidArgument("config.retain: RETAIN_POLICY_UNSPECIFIED; use STEP or CHECKPOINT")
+
+
+def eagle3_draft(cfg: run_pb2.RunConfig, vocab: run_pb2.VocabMap) -> None:
+    """EAGLE3 drafts over a vocabulary map of ``draft_vocab_size`` target tokens."""
+    t = cfg.target
+    positive(cfg.draft.draft_vocab_size, "config.draft.draft_vocab_size")
+    positive(cfg.draft.ttt_length, "config.draft.ttt_length")
+    if cfg.draft.draft_vocab_size > t.vocab_size:
+        raise InvalidArgument(
+            f"config.draft.draft_vocab_size: {cfg.draft.draft_vocab_size} exceeds the target "
+            f"vocabulary ({t.vocab_size})"
+        )
     if len(vocab.d2t) != cfg.draft.draft_vocab_size:
         raise InvalidArgument(
             f"vocab_map.d2t: {len(vocab.d2t)} entries, expected draft_vocab_size "
@@ -90,6 +101,69 @@ def run_config(cfg: run_pb2.RunConfig, vocab: run_pb2.VocabMap) -> None:
         raise InvalidArgument("vocab_map.d2t: must equal draft_token_ids[i] - i")
     if vocab.hash != vocab_map_hash(list(vocab.d2t), ids):
         raise InvalidArgument("vocab_map.hash: does not match its content")
+
+
+ATTENTION_BACKENDS = ("sdpa", "eager")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def dflash_draft(cfg: run_pb2.RunConfig, vocab: run_pb2.VocabMap) -> None:
+    """The DFlash family drafts over the full target vocabulary (no vocabulary map) from K
+    captured layers; Domino also needs its head and a step horizon for its curriculum."""
+    d, f = cfg.draft, cfg.draft.dflash
+    name = d.algorithm
+    if d.draft_vocab_size or d.ttt_length:
+        raise InvalidArgument(f"config.draft.draft_vocab_size/ttt_length: apply to eagle3 only, "
+                              f"not {name}")
+    if not d.HasField("dflash"):
+        raise InvalidArgument(f"config.draft.dflash: required for {name}")
+    if vocab.d2t or vocab.draft_token_ids or vocab.hash != vocab_map_hash([], []):
+        raise InvalidArgument(f"vocab_map: must be empty for {name}, which drafts over the "
+                              "full target vocabulary")
+    positive(f.num_hidden_layers, "config.draft.dflash.num_hidden_layers")
+    if f.block_size < 2:
+        raise InvalidArgument(f"config.draft.dflash.block_size: must be >= 2, got {f.block_size}")
+    positive(f.num_anchors, "config.draft.dflash.num_anchors")
+    if not math.isfinite(f.loss_decay_gamma) or f.loss_decay_gamma < 0:
+        raise InvalidArgument("config.draft.dflash.loss_decay_gamma: must be finite and >= 0 "
+                              f"(0 disables the decay), got {f.loss_decay_gamma}")
+    if not 0 <= f.mask_token_id < cfg.target.vocab_size:
+        raise InvalidArgument(f"config.draft.dflash.mask_token_id: {f.mask_token_id} is outside "
+                              f"the target vocabulary [0, {cfg.target.vocab_size})")
+    if len(f.layer_types) != f.num_hidden_layers or any(
+            x not in LAYER_TYPES for x in f.layer_types):
+        raise InvalidArgument(f"config.draft.dflash.layer_types: one of {LAYER_TYPES} per draft "
+                              f"layer ({f.num_hidden_layers}), got {list(f.layer_types)}")
+    if "sliding_attention" in f.layer_types and f.sliding_window <= 0:
+        raise InvalidArgument("config.draft.dflash.sliding_window: must be > 0 when a layer is "
+                              "sliding_attention")
+    if f.attention_backend not in ATTENTION_BACKENDS:
+        raise InvalidArgument(f"config.draft.dflash.attention_backend: {f.attention_backend!r}; "
+                              f"use one of {ATTENTION_BACKENDS}")
+    if f.objective_chunk_blocks < 0:
+        raise InvalidArgument("config.draft.dflash.objective_chunk_blocks: must be >= 0")
+    if name != "domino":
+        if d.HasField("domino"):
+            raise InvalidArgument("config.draft.domino: applies to domino only")
+        return
+    if not d.HasField("domino"):
+        raise InvalidArgument("config.draft.domino: required for domino (emb_dim, "
+                              "gru_hidden_dim)")
+    m = d.domino
+    positive(m.emb_dim, "config.draft.domino.emb_dim")
+    positive(m.gru_hidden_dim, "config.draft.domino.gru_hidden_dim")
+    if m.pure_draft_prefix_len != 1:
+        raise InvalidArgument("config.draft.domino.pure_draft_prefix_len: must be 1, the only "
+                              f"value SGLang serves; got {m.pure_draft_prefix_len}")
+    if not 0 <= m.lambda_base_start <= 1:
+        raise InvalidArgument("config.draft.domino.lambda_base_start: must be in [0, 1]")
+    if not 0 < m.lambda_base_decay_ratio <= 1:
+        raise InvalidArgument("config.draft.domino.lambda_base_decay_ratio: must be in (0, 1]")
+    if cfg.training.total_steps <= 0:
+        raise InvalidArgument(
+            "config.training.total_steps: domino needs the run's step horizon for its "
+            "base-loss schedule; set training.total_steps, or give a dataset large enough "
+            "for at least one step")
 
 
 def sample_ref(ref: common_pb2.SampleRef, field: str, run: str) -> None:
@@ -113,3 +187,114 @@ def sample_ref(ref: common_pb2.SampleRef, field: str, run: str) -> None:
         raise InvalidArgument(f"{field}.store: must not contain '/'")
     prefix = f"{ref.store}/{ref.run_id}/{ref.sample_id}/g{ref.generation}/"
     validate_specs(ref.tensors, f"{field}.tensors", key_prefix=prefix)
+
+
+# ---------------------------------------------------------------------------- ranges and limits
+#
+# Every numeric field of a RunConfig has a range, checked on the server whatever the client
+# sent (NaN and infinities included). The upper bounds refuse the absurd before it exhausts the
+# coordinator's memory or holds the database's write lock for long; they are documented in
+# README.md ("Limits"), and a test holds each one.
+
+MAX_EPOCHS = 1000
+MAX_SAMPLES_PER_RUN = 2_000_000
+"""Prompts x epochs: every sample row is created with the run, in one transaction."""
+MAX_LENGTH = 1 << 20
+MAX_TTT_LENGTH = 64
+
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "target.num_layers": (1, 1024),
+    "target.hidden_size": (1, 1 << 17),
+    "target.vocab_size": (1, 1 << 23),
+    "capture.max_length": (1, MAX_LENGTH),
+    # 0 for algorithms without them; each algorithm's own check requires what it uses.
+    "draft.draft_vocab_size": (0, 1 << 23),
+    "draft.ttt_length": (0, MAX_TTT_LENGTH),
+    "step.world_size": (1, 4096),
+    "step.micro_batch": (1, 4096),
+    "step.accumulation": (1, 4096),
+    "training.warmup_steps": (0, 1_000_000_000),
+    "training.checkpoint_every": (1, 1_000_000_000),
+    "lease.heartbeat_misses": (1, 1000),
+    "lease.max_attempts": (1, 1000),
+    "lease.max_deliveries": (1, 1000),
+    "watermark.high_samples": (0, 1 << 62),
+    "watermark.low_samples": (0, 1 << 62),
+    "watermark.high_bytes": (0, 1 << 62),
+    "watermark.low_bytes": (0, 1 << 62),
+    "epochs": (1, MAX_EPOCHS),
+}
+"""Inclusive ranges of integer fields, by path under ``config``."""
+
+FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
+    "training.learning_rate": (0.0, 1.0, False),
+    "training.max_grad_norm": (0.0, 1e6, True),
+    "lease.lease_seconds": (0.0, 7 * 86400.0, False),
+    "lease.heartbeat_seconds": (0.0, 3600.0, False),
+    "watermark.retry_after_seconds": (0.0, 3600.0, True),
+}
+"""(low, high, whether low itself is allowed) of float fields; every float must be finite."""
+
+
+def _field(cfg: run_pb2.RunConfig, path: str) -> float:
+    value: object = cfg
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value  # type: ignore[return-value]
+
+
+def run_limits(cfg: run_pb2.RunConfig) -> None:
+    """Refuse a value outside its field's range, a NaN or infinity, a retain policy that does
+    not exist, and a watermark below one step's samples (``run_config`` checks the algorithm)."""
+    for path, (lo, hi) in INT_RANGES.items():
+        value = int(_field(cfg, path))
+        if not lo <= value <= hi:
+            raise InvalidArgument(f"config.{path}: must be in [{lo}, {hi}], got {value}")
+    for path, (lo, hi, lo_ok) in FLOAT_RANGES.items():
+        value = float(_field(cfg, path))
+        if not math.isfinite(value):
+            raise InvalidArgument(f"config.{path}: must be a finite number, got {value}")
+        if not ((lo <= value if lo_ok else lo < value) and value <= hi):
+            low = "[" if lo_ok else "("
+            raise InvalidArgument(f"config.{path}: must be in {low}{lo:g}, {hi:g}], got {value}")
+    if cfg.retain not in run_pb2.RetainPolicy.values():
+        raise InvalidArgument(f"config.retain: {cfg.retain} is not a RetainPolicy; use STEP or "
+                              "CHECKPOINT")
+    step = cfg.step.world_size * cfg.step.micro_batch * cfg.step.accumulation
+    w = cfg.watermark
+    if w.high_samples and w.high_samples < step:
+        raise InvalidArgument(
+            f"config.watermark.high_samples: {w.high_samples} is below one step's "
+            f"{step} samples (world_size x micro_batch x accumulation), so no step could ever "
+            f"fill; set it to at least {step} (twice that keeps the next step captured while "
+            "one trains), or 0 for no limit")
+
+
+def run_size(prompts: int, epochs: int) -> None:
+    """Refuse a run of more samples than ``MAX_SAMPLES_PER_RUN``."""
+    if prompts * epochs > MAX_SAMPLES_PER_RUN:
+        raise InvalidArgument(
+            f"config.epochs: {prompts} prompts x {epochs} epochs = {prompts * epochs} samples, "
+            f"more than the {MAX_SAMPLES_PER_RUN} a run may hold; use fewer epochs or split "
+            "the dataset into several runs")
+
+
+def dataset_lines(count: int) -> None:
+    """Refuse a dataset longer than a run could hold, before parsing it."""
+    if count > MAX_SAMPLES_PER_RUN:
+        raise InvalidArgument(
+            f"dataset_lines: more than {MAX_SAMPLES_PER_RUN} lines, more samples than a run "
+            "may hold; split the dataset into several runs")
+
+
+def config_differences(old: Message, new: Message, prefix: str = "config") -> list[str]:
+    """Paths of the fields whose values differ between two messages of one type."""
+    out: list[str] = []
+    for fd in old.DESCRIPTOR.fields:
+        path = f"{prefix}.{fd.name}"
+        a, b = getattr(old, fd.name), getattr(new, fd.name)
+        if fd.message_type is not None and not fd.is_repeated:
+            out.extend(config_differences(a, b, path))
+        elif list(a) != list(b) if fd.is_repeated else a != b:
+            out.append(path)
+    return out

@@ -145,6 +145,7 @@ class ProducerProcess:
         self.engine = create_engine(cfg.engine, EngineConfig(
             model_path=model_path, device=cfg.device, dtype=cfg.dtype,
             aux_layer_ids=tuple(run.config.capture.aux_layer_ids) or None,
+            algorithm=run.config.draft.algorithm or "eagle3",
             token_budget=cfg.token_budget), EngineContext(
             store=self.store, store_url=cfg.store_url, server_urls=cfg.sglang_urls,
             max_in_flight=cfg.sglang_max_in_flight))

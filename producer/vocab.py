@@ -13,18 +13,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from producer.dataprep import PreparedPrompt, prepare_dataset
 from services.api import run_pb2
-from services.config import (
-    ConfigError,
-    RunConfigFile,
-    default_aux_layers,
-    to_proto,
-    validate_aux_layers,
-)
+from services.capture import CapturePlanError, default_layer_ids, plan_for
+from services.config import ConfigError, RunConfigFile, to_proto
 from services.fingerprint import vocab_map_hash
 from services.tokenizer import tokenizer_hash
 
@@ -73,9 +69,13 @@ class RunFacts:
     vocab_size: int
     tokenizer_hash: str
     aux_layer_ids: list[int]
+    """The target layers captured (EAGLE3's aux layers, DFlash's target_layer_ids)."""
     vocab_map: run_pb2.VocabMap
+    """EAGLE3's draft vocabulary; empty for the DFlash family (full target vocabulary)."""
     num_prompts: int
     """Dataset rows that became prompts."""
+    mask_token_id: int | None = None
+    """DFlash family: the MASK token filling blocks (None for EAGLE3)."""
     bad_rows: list[tuple[int, str]] = field(default_factory=list)
     """(1-based line, reason) of rows that cannot be trained on."""
 
@@ -92,30 +92,74 @@ def describe_run(model_dir: str | Path, cfg: RunConfigFile,
     text_config = AutoConfig.from_pretrained(model_dir).get_text_config()
     num_layers = int(text_config.num_hidden_layers)
     vocab_size = int(text_config.vocab_size)
-    aux = list(cfg.capture.aux_layer_ids or default_aux_layers(num_layers))
-    validate_aux_layers(aux, num_layers)
+    algorithm = cfg.draft.algorithm
+    draft_layers = cfg.draft.dflash.num_hidden_layers if cfg.draft.dflash else 1
+    try:
+        aux = list(cfg.layer_ids() or default_layer_ids(algorithm, num_layers, draft_layers))
+        plan_for(algorithm, aux, num_layers)
+    except CapturePlanError as exc:
+        raise ConfigError(str(exc)) from None
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     good, bad = prepare_dataset(tokenizer, dataset_lines, cfg.capture.max_length,
                                 cfg.capture.chat_template)
     if not good:
         raise ConfigError(f"no dataset row can be trained on ({len(bad)} bad rows; first: "
                           f"{bad[0] if bad else 'the dataset is empty'})")
-    counts = token_frequencies((p for _, p in good), vocab_size)
+    if cfg.draft.dflash is None:
+        vocab_map = build_vocab_map(token_frequencies((p for _, p in good), vocab_size),
+                                    cfg.draft.draft_vocab_size)
+        mask_id = None
+    else:
+        vocab_map = run_pb2.VocabMap(hash=vocab_map_hash([], []))
+        mask_id = resolve_mask_token_id(tokenizer, cfg.draft.dflash.mask_token_id, vocab_size)
     return RunFacts(
         num_layers=num_layers,
         hidden_size=int(text_config.hidden_size),
         vocab_size=vocab_size,
         tokenizer_hash=tokenizer_hash(tokenizer),
         aux_layer_ids=aux,
-        vocab_map=build_vocab_map(counts, cfg.draft.draft_vocab_size),
+        vocab_map=vocab_map,
         num_prompts=len(good),
         bad_rows=bad,
+        mask_token_id=mask_id,
     )
+
+
+def resolve_mask_token_id(tokenizer: Any, explicit: int | None, vocab_size: int) -> int:
+    """The DFlash MASK token: the config's, else the tokenizer's mask token, else the first
+    embedding row no token uses (``len(tokenizer)`` when the embedding is larger), else the pad,
+    eos or unk token. The MASK embedding is the target's own frozen row."""
+    unused = len(tokenizer) if len(tokenizer) < vocab_size else None
+    candidates = [("draft.dflash.mask_token_id", explicit),
+                  ("the tokenizer's mask token", getattr(tokenizer, "mask_token_id", None)),
+                  ("the first unused embedding row", unused),
+                  ("the pad token", tokenizer.pad_token_id),
+                  ("the eos token", tokenizer.eos_token_id),
+                  ("the unk token", tokenizer.unk_token_id)]
+    for source, token in candidates:
+        if token is None:
+            continue
+        if not 0 <= int(token) < vocab_size:
+            raise ConfigError(f"mask token {token} from {source} is outside the target "
+                              f"vocabulary [0, {vocab_size}); set draft.dflash.mask_token_id")
+        return int(token)
+    raise ConfigError("no MASK token: the tokenizer has no mask, pad, eos or unk token and "
+                      "every embedding row is used; set draft.dflash.mask_token_id")
+
+
+def default_total_steps(cfg: RunConfigFile, num_prompts: int) -> int:
+    """The run's step horizon: every sample of every epoch, in whole steps."""
+    s = cfg.step
+    return num_prompts * cfg.epochs // (s.world_size * s.micro_batch * s.accumulation)
 
 
 def run_config_proto(cfg: RunConfigFile, facts: RunFacts,
                      model_path: str | None = None) -> run_pb2.RunConfig:
     """The wire ``RunConfig`` for ``cfg`` with the facts read from the target."""
-    return to_proto(cfg, num_layers=facts.num_layers, hidden_size=facts.hidden_size,
-                    vocab_size=facts.vocab_size, tokenizer_hash=facts.tokenizer_hash,
-                    aux_layer_ids=facts.aux_layer_ids, model_path=model_path)
+    config = to_proto(cfg, num_layers=facts.num_layers, hidden_size=facts.hidden_size,
+                      vocab_size=facts.vocab_size, tokenizer_hash=facts.tokenizer_hash,
+                      aux_layer_ids=facts.aux_layer_ids, model_path=model_path,
+                      mask_token_id=facts.mask_token_id)
+    if not config.training.total_steps:
+        config.training.total_steps = default_total_steps(cfg, facts.num_prompts)
+    return config

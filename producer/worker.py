@@ -28,7 +28,7 @@ import grpc
 from producer.dataprep import PreparedPrompt, PromptError, messages_from_conversation
 from producer.dataprep import prepare_prompt as _prepare
 from producer.engines.base import CaptureEngine, EngineError
-from producer.features import EAGLE3_TENSORS, eagle3_features
+from producer.features import sample_features
 from services.api import common_pb2, run_pb2
 from services.api import coordinator_pb2 as cpb
 from services.fingerprint import run_fingerprint
@@ -329,7 +329,7 @@ class Producer:
         finally:
             self.stats.engine_busy_s += time.monotonic() - start
         for it, feats in zip(items, captured, strict=True):
-            it.features = eagle3_features(it.prompt, feats)
+            it.features = sample_features(it.prompt, feats, self._engine.plan)
         self._queue.put(items)
 
     def _capture_to_store(self, items: list[_Item]) -> None:
@@ -402,11 +402,12 @@ class Producer:
                 return False
         if it.stored:
             by_name = {spec.name: spec for spec in (*it.stored, *specs)}
-            specs = [by_name[name] for name in EAGLE3_TENSORS if name in by_name]
+            specs = [by_name[name] for name in self._engine.plan.tensors if name in by_name]
         it.ref = common_pb2.SampleRef(
             run_id=self._cfg.run_id, sample_id=lease.sample_id, prompt_id=lease.prompt_id,
             epoch=lease.epoch, generation=lease.generation, store=self._store.store_id,
             tensors=specs, num_tokens=it.prompt.num_tokens, producer_id=self._cfg.identity,
+            capture=self._engine.plan.to_proto(),
             meta={"engine": self._engine.name, "truncated": str(it.prompt.truncated).lower()})
         it.features = None  # the store holds its own copy or reference now
         return True

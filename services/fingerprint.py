@@ -24,4 +24,7 @@ def run_fingerprint(config: run_pb2.RunConfig, vocab_hash: str) -> str:
         "tokenizer": config.target.tokenizer_hash,
         "vocab_map": vocab_hash,
     }
+    if config.draft.algorithm not in ("", "eagle3"):
+        # The algorithm decides which tensors a sample holds (see services.capture).
+        material["algorithm"] = config.draft.algorithm
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,4 +1,8 @@
-"""The capture-engine contract: token sequences in, EAGLE3 hidden states out, one result per input.
+"""The capture-engine contract: token sequences in, hidden states out, one result per input.
+
+What is captured follows the run's ``CapturePlan`` (``services.capture``): the outputs of the
+plan's layers concatenated in order, plus the final hidden state when the plan asks for it
+(EAGLE3 does; the DFlash family does not).
 
 Public methods hold the guards (input validation, result shape checks, closed state); engines fill
 the ``_``-prefixed hooks. The hf engine runs transformers in process; the sglang engine plugs into
@@ -12,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from services.capture import CapturePlan
 
 
 class EngineError(RuntimeError):
@@ -29,7 +35,9 @@ class EngineConfig:
     dtype: str = "auto"
     """``auto`` (bfloat16 on GPU, float32 on CPU), ``bfloat16``, ``float16`` or ``float32``."""
     aux_layer_ids: tuple[int, ...] | None = None
-    """Three distinct layers in [0, N-2] for ``aux_hidden_state``; default [1, N//2-1, N-4]."""
+    """Layers to capture (ascending, in [0, N-2]); default: EAGLE3's [1, N//2-1, N-4]."""
+    algorithm: str = "eagle3"
+    """The run's draft algorithm; it decides the capture plan (see ``services.capture``)."""
     token_budget: int = 8192
     """Most padded tokens (rows x longest row) in one forward pass; longer sequences run alone."""
 
@@ -39,13 +47,14 @@ class CapturedFeatures:
     """Hidden states of one sequence, unpadded."""
 
     aux_hidden_state: torch.Tensor
-    """[L, 3H]: outputs of the three aux layers, concatenated in the configured order."""
-    hidden_state: torch.Tensor
-    """[L, H]: the final hidden state after the model's last norm (what lm_head reads)."""
+    """[L, K·H]: outputs of the plan's K layers, concatenated in the plan's order."""
+    hidden_state: torch.Tensor | None = None
+    """[L, H]: the final hidden state after the model's last norm (what lm_head reads), when
+    the plan captures it."""
 
     @property
     def num_tokens(self) -> int:
-        return int(self.hidden_state.shape[0])
+        return int(self.aux_hidden_state.shape[0])
 
 
 class CaptureEngine(ABC):
@@ -84,7 +93,12 @@ class CaptureEngine(ABC):
     @property
     @abstractmethod
     def aux_layer_ids(self) -> list[int]:
-        """The three layers whose outputs form ``aux_hidden_state``, in order."""
+        """The layers whose outputs form ``aux_hidden_state``, in order."""
+
+    @property
+    @abstractmethod
+    def plan(self) -> CapturePlan:
+        """What this engine captures for the run."""
 
     def capture(self, batch: Sequence[Sequence[int]]) -> list[CapturedFeatures]:
         """Capture every sequence of ``batch``; result ``i`` belongs to ``batch[i]``."""
@@ -108,15 +122,17 @@ class CaptureEngine(ABC):
         if len(results) != len(seqs):
             raise EngineError(f"{self.name} engine returned {len(results)} results "
                               f"for {len(seqs)} sequences")
-        h = self.hidden_size
+        h, plan = self.hidden_size, self.plan
+        width = len(plan.layer_ids) * h
         for i, (ids, res) in enumerate(zip(seqs, results, strict=True)):
             n = len(ids)
-            if (tuple(res.aux_hidden_state.shape) != (n, 3 * h)
-                    or tuple(res.hidden_state.shape) != (n, h)):
+            final = None if res.hidden_state is None else tuple(res.hidden_state.shape)
+            want_final = (n, h) if plan.final_hidden else None
+            if tuple(res.aux_hidden_state.shape) != (n, width) or final != want_final:
                 raise EngineError(
                     f"{self.name} engine returned shapes aux {tuple(res.aux_hidden_state.shape)}, "
-                    f"hidden {tuple(res.hidden_state.shape)} for batch[{i}] of {n} tokens; "
-                    f"expected ({n}, {3 * h}) and ({n}, {h})"
+                    f"hidden {final} for batch[{i}] of {n} tokens; "
+                    f"expected ({n}, {width}) and {want_final}"
                 )
         return results
 

@@ -1,9 +1,10 @@
 """The ``hf`` capture engine: transformers in process, on CPU or GPU.
 
 The decoder runs without its ``lm_head`` (full logits are never needed): its ``last_hidden_state``
-is the post-norm final hidden state, and forward hooks on the three aux layers collect their
-outputs (``hidden_states[i + 1]`` in transformers' numbering). Sequences are grouped into forward
-passes by a token budget, right-padded inside a pass, and returned unpadded, on CPU.
+is the post-norm final hidden state (kept when the plan asks for it), and forward hooks on the
+plan's layers collect their outputs (``hidden_states[i + 1]`` in transformers' numbering).
+Sequences are grouped into forward passes by a token budget, right-padded inside a pass, and
+returned unpadded, on CPU.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from producer.engines.base import CapturedFeatures, CaptureEngine, EngineConfig, EngineError
-from services.config import ConfigError, default_aux_layers, validate_aux_layers
+from services.capture import CapturePlan, CapturePlanError, default_layer_ids, plan_for
 from services.logs import event
 
 log = logging.getLogger(__name__)
@@ -86,10 +87,10 @@ class HFEngine(CaptureEngine):
         self._num_layers = int(text_config.num_hidden_layers)
         self._hidden_size = int(text_config.hidden_size)
         aux = (list(config.aux_layer_ids) if config.aux_layer_ids is not None
-               else default_aux_layers(self._num_layers))
+               else default_layer_ids(config.algorithm, self._num_layers))
         try:
-            validate_aux_layers(aux, self._num_layers)
-        except ConfigError as exc:
+            self._plan = plan_for(config.algorithm, aux, self._num_layers)
+        except CapturePlanError as exc:
             raise EngineError(str(exc)) from None
         self._aux = aux
         model = AutoModelForCausalLM.from_pretrained(path, dtype=self._dtype)
@@ -133,6 +134,10 @@ class HFEngine(CaptureEngine):
         return list(self._aux)
 
     @property
+    def plan(self) -> CapturePlan:
+        return self._plan
+
+    @property
     def model(self) -> Any:
         """The loaded transformers model (read-only use: parity checks, lm_head for teachers)."""
         return self._model
@@ -166,15 +171,15 @@ class HFEngine(CaptureEngine):
             with torch.inference_mode():
                 out = self._decoder(input_ids=ids.to(self._device),
                                     attention_mask=mask.to(self._device), use_cache=False)
-                final = out.last_hidden_state
-                aux = torch.cat([captured[i] for i in self._aux], dim=-1)
-                aux, final = aux.cpu(), final.cpu()
+                aux = torch.cat([captured[i] for i in self._aux], dim=-1).cpu()
+                final = out.last_hidden_state.cpu() if self._plan.final_hidden else None
         finally:
             for h in handles:
                 h.remove()
         return [
-            CapturedFeatures(aux_hidden_state=aux[row, : len(s)].clone(),
-                             hidden_state=final[row, : len(s)].clone())
+            CapturedFeatures(
+                aux_hidden_state=aux[row, : len(s)].clone(),
+                hidden_state=None if final is None else final[row, : len(s)].clone())
             for row, s in enumerate(seqs)
         ]
 

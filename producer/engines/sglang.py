@@ -36,7 +36,7 @@ from producer.engines.hf import plan_batches
 from producer.sglang_plugin import STORE_URL_ENV, gate, wire
 from producer.sglang_plugin.checks import Expected, check_ref, expected_keys, server_problems
 from services.api import common_pb2
-from services.config import ConfigError, default_aux_layers, validate_aux_layers
+from services.capture import CapturePlan, CapturePlanError, default_layer_ids, plan_for
 from services.logs import event
 from services.store.base import FeatureStore
 
@@ -290,11 +290,11 @@ class SGLangEngine(CaptureEngine):
         aux = (
             list(config.aux_layer_ids)
             if config.aux_layer_ids is not None
-            else default_aux_layers(self._num_layers)
+            else default_layer_ids(config.algorithm, self._num_layers)
         )
         try:
-            validate_aux_layers(aux, self._num_layers)
-        except ConfigError as exc:
+            self._plan = plan_for(config.algorithm, aux, self._num_layers)
+        except CapturePlanError as exc:
             raise EngineError(str(exc)) from None
         if config.dtype not in _DTYPES:
             raise EngineError(f"dtype {config.dtype!r} is not supported; use " + ", ".join(_DTYPES))
@@ -367,6 +367,10 @@ class SGLangEngine(CaptureEngine):
     @property
     def aux_layer_ids(self) -> list[int]:
         return list(self._aux)
+
+    @property
+    def plan(self) -> CapturePlan:
+        return self._plan
 
     def _capture(self, seqs: list[list[int]]) -> list[CapturedFeatures]:
         raise EngineError(

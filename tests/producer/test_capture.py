@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from producer.dataprep import prepare_prompt
 from producer.engines import ENGINES, EngineConfig, EngineError, create_engine
 from producer.engines.hf import HFEngine, plan_batches
-from producer.features import EAGLE3_TENSORS, eagle3_features
+from producer.features import sample_features
 
 
 def _random_seqs(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -112,17 +112,18 @@ def test_plan_batches_respects_the_budget() -> None:
 
 def test_custom_aux_layers(llama_dir: Path) -> None:
     ids = _random_seqs(1, 2048, seed=5)[0]
-    cfg = EngineConfig(model_path=str(llama_dir), device="cpu", aux_layer_ids=(6, 0, 2))
+    cfg = EngineConfig(model_path=str(llama_dir), device="cpu", aux_layer_ids=(0, 2, 6))
     with create_engine("hf", cfg) as engine:
         got = engine.capture([ids])[0]
     hidden_states = _reference(llama_dir, ids)
     assert torch.equal(got.aux_hidden_state,
-                       torch.cat([hidden_states[7], hidden_states[1], hidden_states[3]], dim=-1))
+                       torch.cat([hidden_states[1], hidden_states[3], hidden_states[7]], dim=-1))
 
 
 @pytest.mark.parametrize(("aux", "message"), [
-    ((1, 3, 3), r"three distinct layer ids, got \[1, 3, 3\]"),
-    ((1, 3), r"three distinct layer ids, got \[1, 3\]"),
+    ((1, 3, 3), r"repeats a layer"),
+    ((1, 3), r"must list 3 layer ids, got \[1, 3\]"),
+    ((6, 0, 2), r"must be ascending \(\[0, 2, 6\]\): SGLang captures layers in ascending"),
     ((1, 3, 7), r"\[7\] out of range: the target has 8 layers, so ids must be in \[0, 6\]"),
     ((-1, 3, 4), r"\[-1\] out of range"),
 ])
@@ -158,9 +159,9 @@ def test_eagle3_features(llama_tokenizer, llama_engine: HFEngine) -> None:
             {"role": "assistant", "content": "About 1.86 miles."}]
     prompt = prepare_prompt(llama_tokenizer, conv, max_length=64)
     captured = llama_engine.capture([prompt.input_ids.tolist()])[0]
-    feats = eagle3_features(prompt, captured)
+    feats = sample_features(prompt, captured, llama_engine.plan)
     n, h = prompt.num_tokens, llama_engine.hidden_size
-    assert tuple(feats) == EAGLE3_TENSORS
+    assert tuple(feats) == ("input_ids", "loss_mask", "aux_hidden_state", "hidden_state")
     assert {k: (v.dtype, tuple(v.shape)) for k, v in feats.items()} == {
         "input_ids": (torch.int64, (n,)),
         "loss_mask": (torch.uint8, (n,)),
@@ -170,7 +171,42 @@ def test_eagle3_features(llama_tokenizer, llama_engine: HFEngine) -> None:
     assert all(v.is_contiguous() for v in feats.values())
     other = llama_engine.capture([prompt.input_ids.tolist()[:-1]])[0]
     with pytest.raises(EngineError, match=f"captured {n - 1} positions for a prompt of {n}"):
-        eagle3_features(prompt, other)
+        sample_features(prompt, other, llama_engine.plan)
+
+
+@pytest.mark.parametrize("algorithm", ["dflash", "domino"])
+def test_dflash_capture_follows_the_plan(qwen3_dir: Path, llama_tokenizer,
+                                         algorithm: str) -> None:
+    """The DFlash family captures its target layers ("output of layer id") and no final state."""
+    ids = _random_seqs(1, 2048, seed=4)[0] + [7] * 5
+    config = EngineConfig(model_path=str(qwen3_dir), device="cpu", aux_layer_ids=(0, 2, 5),
+                          algorithm=algorithm)
+    prompt = prepare_prompt(llama_tokenizer, [{"role": "user", "content": "Hi"},
+                                              {"role": "assistant", "content": "Hello."}], 64)
+    with create_engine("hf", config) as engine:
+        got = engine.capture([ids])[0]
+        plan = engine.plan
+        features = sample_features(prompt, engine.capture([prompt.input_ids.tolist()])[0], plan)
+    assert (plan.layer_ids, plan.layers_tensor, plan.final_hidden) == (
+        (0, 2, 5), "hidden_states", False)
+    hidden_states = _reference(qwen3_dir, ids)
+    assert torch.equal(got.aux_hidden_state,
+                       torch.cat([hidden_states[i + 1] for i in (0, 2, 5)], dim=-1))
+    assert got.hidden_state is None
+    assert tuple(features) == ("input_ids", "loss_mask", "hidden_states")
+
+
+@pytest.mark.parametrize(("ids", "message"), [
+    ((2, 1, 5), "must be ascending"),
+    ((1, 1), "repeats a layer"),
+    ((1, 7), "out of range"),
+    ((), "is empty"),
+])
+def test_dflash_layer_ids_are_validated(qwen3_dir: Path, ids: tuple[int, ...],
+                                        message: str) -> None:
+    with pytest.raises(EngineError, match=message):
+        create_engine("hf", EngineConfig(model_path=str(qwen3_dir), device="cpu",
+                                          aux_layer_ids=ids, algorithm="dflash"))
 
 
 @pytest.mark.gpu

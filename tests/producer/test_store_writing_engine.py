@@ -18,7 +18,6 @@ import producer.sglang_plugin as plugin
 from producer.dataprep import messages_from_conversation, prepare_prompt
 from producer.engines.base import EngineConfig
 from producer.engines.sglang import SGLangEngine, SGLangOptions
-from producer.features import EAGLE3_TENSORS
 from producer.service import ProducerConfig, ProducerProcess
 from producer.worker import WorkerConfig
 from services.dataset import parse_line, prompt_id
@@ -28,6 +27,8 @@ from tests.producer.helpers import create_run, lines, make_producer, read_all_st
 from tests.sglang import fakes
 from tests.sglang.conftest import install_on_fakes
 from tests.sglang.http_server import FakeSGLangServer
+
+EAGLE3_TENSORS = ("input_ids", "loss_mask", "aux_hidden_state", "hidden_state")
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import torch
 from sqlalchemy import text
 
 from producer.dataprep import messages_from_conversation, prepare_prompt
-from producer.features import EAGLE3_TENSORS
 from producer.worker import ProducerStats, RegistrationRefused
 from services.api import common_pb2
 from services.api import coordinator_pb2 as cpb
@@ -23,6 +22,8 @@ from services.dataset import parse_line, prompt_id
 from services.store.memory import MemoryStore
 from tests.conftest import RetryCounter
 from tests.producer.helpers import create_run, lines, make_producer, read_all_steps, status
+
+EAGLE3_TENSORS = ("input_ids", "loss_mask", "aux_hidden_state", "hidden_state")
 
 LONG_USER = json.dumps({"conversations": [
     {"from": "human", "value": "word " * 200}, {"from": "gpt", "value": "ok"}]})
@@ -230,6 +231,7 @@ class _OutageEngine:
     def __init__(self, inner, stop) -> None:  # type: ignore[no-untyped-def]
         self._inner, self._stop = inner, stop
         self.aux_layer_ids, self.name, self.device = inner.aux_layer_ids, inner.name, inner.device
+        self.plan = inner.plan
 
     def capture(self, batch):  # type: ignore[no-untyped-def]
         if self._stop is not None:
