@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from coordinator import db
+from coordinator.errors import from_database
 from coordinator.manager import Coordinator
 from coordinator.metrics import RunStatusCollector
 from coordinator.servicer import CoordinatorServicer
@@ -45,6 +46,7 @@ class CoordinatorProcess:
         self.manager = Coordinator(self.engine, clock=clock)
         servicer = CoordinatorServicer(self.manager)
         cfg.server.extra_interceptors = [MetricsInterceptor(), *cfg.server.extra_interceptors]
+        cfg.server.translate_error = from_database
 
         def register(server: object) -> list[str]:
             coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(servicer, server)

@@ -13,6 +13,9 @@ class DraftflowError(Exception):
     """Root of every error a DraftFlow service reports to a client."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = ""
+    """A stable, machine-readable cause sent as trailing metadata ``draftflow-reason`` (clients
+    branch on it, never on the message); empty sends none."""
 
 
 class InvalidArgument(DraftflowError):

@@ -29,6 +29,8 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 REFLECTION_SERVICE = reflection.SERVICE_NAME
 OPEN_METHOD_PREFIXES = (f"/{HEALTH_SERVICE}/", f"/{REFLECTION_SERVICE}/")
+REASON_KEY = "draftflow-reason"
+"""Trailing metadata key carrying ``DraftflowError.reason``."""
 
 
 @dataclass
@@ -50,6 +52,9 @@ class ServerConfig:
     grace_seconds: float = 5.0
     """In-flight calls get this long to finish on shutdown."""
     extra_interceptors: list[grpc.ServerInterceptor] = field(default_factory=list)
+    translate_error: Callable[[Exception], DraftflowError | None] | None = None
+    """Turns a dependency's exception (a database driver's) into the error the client sees,
+    once, here at the boundary; None (or a None answer) leaves the exception unhandled."""
 
 
 def is_loopback(listen: str) -> bool:
@@ -62,13 +67,23 @@ def is_loopback(listen: str) -> bool:
         return False
 
 
-def _wrap(handler: grpc.RpcMethodHandler, guard: Callable[[Any, grpc.ServicerContext], None]
+def _wrap(handler: grpc.RpcMethodHandler, guard: Callable[[Any, grpc.ServicerContext], None],
+          translate: Callable[[Exception], DraftflowError | None] | None = None,
           ) -> grpc.RpcMethodHandler:
     """Return ``handler`` with ``guard(request, context)`` run first, for every kind of call
     (``request`` is None for client-streaming calls, whose guard runs before the first read).
 
-    ``guard`` may raise ``DraftflowError``; it becomes the call's status.
+    ``guard`` and the handler may raise ``DraftflowError``; it becomes the call's status. Any
+    other exception ``translate`` maps to one does too; the rest propagate (UNKNOWN).
     """
+
+    def fail(context: grpc.ServicerContext, exc: Exception) -> None:
+        err = exc if isinstance(exc, DraftflowError) else (
+            translate(exc) if translate is not None else None)
+        if err is None:
+            raise exc
+        _abort(context, err)
+
     if handler.unary_unary:
         inner_uu = handler.unary_unary
 
@@ -76,8 +91,8 @@ def _wrap(handler: grpc.RpcMethodHandler, guard: Callable[[Any, grpc.ServicerCon
             try:
                 guard(request, context)
                 return inner_uu(request, context)
-            except DraftflowError as exc:
-                _abort(context, exc)
+            except Exception as exc:
+                fail(context, exc)
 
         return handler._replace(unary_unary=unary_unary)
     if handler.unary_stream:
@@ -87,8 +102,8 @@ def _wrap(handler: grpc.RpcMethodHandler, guard: Callable[[Any, grpc.ServicerCon
             try:
                 guard(request, context)
                 yield from inner_us(request, context)
-            except DraftflowError as exc:
-                _abort(context, exc)
+            except Exception as exc:
+                fail(context, exc)
 
         return handler._replace(unary_stream=unary_stream)
     if handler.stream_unary:
@@ -98,8 +113,8 @@ def _wrap(handler: grpc.RpcMethodHandler, guard: Callable[[Any, grpc.ServicerCon
             try:
                 guard(None, context)
                 return inner_su(requests, context)
-            except DraftflowError as exc:
-                _abort(context, exc)
+            except Exception as exc:
+                fail(context, exc)
 
         return handler._replace(stream_unary=stream_unary)
     if handler.stream_stream:  # server reflection is one
@@ -110,8 +125,8 @@ def _wrap(handler: grpc.RpcMethodHandler, guard: Callable[[Any, grpc.ServicerCon
             try:
                 guard(None, context)
                 yield from inner_ss(requests, context)
-            except DraftflowError as exc:
-                _abort(context, exc)
+            except Exception as exc:
+                fail(context, exc)
 
         return handler._replace(stream_stream=stream_stream)
     raise TypeError(f"unknown gRPC handler kind: {handler!r}")
@@ -145,17 +160,25 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Turn ``DraftflowError`` raised by a servicer into its gRPC status, with the message."""
+    """Turn ``DraftflowError`` raised by a servicer into its gRPC status, with the message;
+    other exceptions go through ``translate`` (see ``ServerConfig.translate_error``)."""
+
+    def __init__(self, translate: Callable[[Exception], DraftflowError | None] | None = None
+                 ) -> None:
+        self._translate = translate
 
     def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        return _wrap(handler, lambda request, context: None)
+        return _wrap(handler, lambda request, context: None, self._translate)
 
 
 def _abort(context: grpc.ServicerContext, exc: DraftflowError) -> None:
-    log.info("request refused: %s", exc, extra=event("rpc_refused", code=exc.code.name))
+    log.info("request refused: %s", exc, extra=event("rpc_refused", code=exc.code.name,
+                                                       reason=exc.reason))
+    if exc.reason:
+        context.set_trailing_metadata(((REASON_KEY, exc.reason),))
     context.abort(exc.code, str(exc))
 
 
@@ -194,7 +217,7 @@ def create_server(
     interceptors: list[grpc.ServerInterceptor] = []
     if config.auth_token:
         interceptors.append(AuthInterceptor(config.auth_token))
-    interceptors.append(ErrorInterceptor())
+    interceptors.append(ErrorInterceptor(config.translate_error))
     interceptors.extend(config.extra_interceptors)
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
