@@ -28,7 +28,13 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 REFLECTION_SERVICE = reflection.SERVICE_NAME
-OPEN_METHOD_PREFIXES = (f"/{HEALTH_SERVICE}/", f"/{REFLECTION_SERVICE}/")
+OPEN_METHODS = frozenset({f"/{HEALTH_SERVICE}/Check"})
+"""What a server with a token answers without one: health ``Check``, a short unary call, so
+probes (``draftflow health``, compose healthchecks) need no secret. Health ``Watch`` and server
+reflection are streams that hold a server thread for as long as the client keeps them open, so
+they need the token like everything else: otherwise ~max_workers idle unauthenticated streams
+would pin every thread and starve authenticated work (grpcurl sends ``-H`` headers on its
+reflection requests too)."""
 REASON_KEY = "draftflow-reason"
 """Trailing metadata key carrying ``DraftflowError.reason``."""
 
@@ -40,7 +46,7 @@ class ServerConfig:
     listen: str = "127.0.0.1:0"
     """HOST:PORT to bind; port 0 picks a free port."""
     auth_token: str | None = None
-    """Bearer token every call must carry (health and reflection stay open)."""
+    """Bearer token every call must carry, except health ``Check`` (see ``OPEN_METHODS``)."""
     insecure: bool = False
     """Allow binding beyond loopback without a token. Only for private networks."""
     tls_cert: str | None = None
@@ -137,14 +143,17 @@ class Unauthenticated(DraftflowError):
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
-    """Require ``authorization: Bearer <token>`` on every method except health and reflection."""
+    """Require ``authorization: Bearer <token>`` on every method except ``OPEN_METHODS``.
+
+    A refused call ends before the handler runs, streams included, so an unauthenticated
+    client holds no server thread for longer than the refusal takes."""
 
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
 
     def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(OPEN_METHOD_PREFIXES):
+        if handler is None or handler_call_details.method in OPEN_METHODS:
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
         given = str(metadata.get("authorization", "")).encode()

@@ -23,6 +23,7 @@ from services.rpc.client import open_channel
 from services.rpc.server import ServerConfig
 from tests.conftest import PG_ADMIN_URL
 from tests.coordinator import helpers as h
+from tests.flood import Flood
 
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 
@@ -36,8 +37,10 @@ def create(stub: coordinator_pb2_grpc.CoordinatorServiceStub, n: int = 4, **cfg:
 
 
 def register(stub, config, role: int) -> str:  # type: ignore[no-untyped-def]
+    group = "g" if role == common_pb2.WORKER_ROLE_TRAINER else ""
     return stub.RegisterWorker(cpb.RegisterWorkerRequest(
-        run_id="r1", role=role, fingerprint=h.fingerprint(config), identity="test")).session_id
+        run_id="r1", role=role, fingerprint=h.fingerprint(config), identity="test",
+        trainer_group=group)).session_id
 
 
 def test_full_protocol_over_grpc(stub: coordinator_pb2_grpc.CoordinatorServiceStub) -> None:
@@ -290,4 +293,31 @@ def test_tls_with_token(sqlite_url: str, tmp_path: Path) -> None:
             plain.ListRuns(cpb.ListRunsRequest(), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
+        proc.stop(0.5)
+
+
+def test_idle_unauthenticated_streams_cannot_starve_a_server_with_a_token(
+        sqlite_url: str) -> None:
+    # Four server threads, a hundred idle streams: any stream that held a thread would starve
+    # the authenticated call and the health check below.
+    proc = CoordinatorProcess(CoordinatorConfig(db_url=sqlite_url, server=ServerConfig(
+        listen="127.0.0.1:0", auth_token="s3cret", max_workers=4)))
+    flood = Flood([f"127.0.0.1:{proc.port}"], n=50)
+    try:
+        flood.open()
+        ok = open_channel(f"127.0.0.1:{proc.port}", token="s3cret")
+        assert coordinator_pb2_grpc.CoordinatorServiceStub(ok).ListRuns(
+            cpb.ListRunsRequest(), timeout=30).runs == []
+        assert health_pb2_grpc.HealthStub(ok).Check(
+            health_pb2.HealthCheckRequest(), timeout=30).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        assert flood.outcomes() == {"UNAUTHENTICATED": 100}
+        # With the token, both streams are served as before.
+        watch = health_pb2_grpc.HealthStub(ok).Watch(health_pb2.HealthCheckRequest())
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+        assert "draftflow.v1.CoordinatorService" in _grpcurl(
+            "-H", "authorization: Bearer s3cret", f"127.0.0.1:{proc.port}", "list").split()
+    finally:
+        flood.close()
         proc.stop(0.5)
