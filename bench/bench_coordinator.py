@@ -140,7 +140,8 @@ def bench_case(target: str, clients: int, batch: int, seconds: float) -> dict[st
     def train(rank: int) -> None:
         s = stubs[rank]
         tid = s.RegisterWorker(cpb.RegisterWorkerRequest(
-            run_id=run_id, role=common_pb2.WORKER_ROLE_TRAINER, fingerprint=fp)).session_id
+            run_id=run_id, role=common_pb2.WORKER_ROLE_TRAINER, fingerprint=fp,
+            trainer_group="bench")).session_id
         for msg in s.StreamSteps(cpb.StreamStepsRequest(session_id=tid, rank=rank,
                                                         from_step=1, prefetch=8)):
             if msg.step == 1:

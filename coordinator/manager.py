@@ -7,6 +7,7 @@ what they mean. Times come from ``clock`` so tests can move time by hand.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import threading
 import time
@@ -19,7 +20,14 @@ from sqlalchemy import delete as sql_delete
 
 from coordinator import queries as q
 from coordinator import validate
-from coordinator.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from coordinator.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    SessionExpired,
+    SessionSuperseded,
+)
 from coordinator.schema import (
     BadRowRow,
     CheckpointRow,
@@ -58,6 +66,8 @@ RUN_STATES = {
 # Leasing reaps expired work of its run at most this often; the server's reaper thread
 # covers every run on its own schedule.
 REAP_EVERY_SECONDS = 0.5
+INSERT_CHUNK = 10_000
+"""Sample rows inserted per statement when a run is created."""
 
 
 @dataclass
@@ -66,6 +76,7 @@ class Session:
     run_id: str
     role: str
     config: run_pb2.RunConfig
+    trainer_group: str = ""
 
 
 @dataclass
@@ -128,8 +139,10 @@ class Coordinator:
     ) -> cpb.CreateRunResponse:
         validate.run_id(run_id)
         validate.run_config(config, vocab)
+        validate.run_limits(config)
         if not dataset_lines:
             raise InvalidArgument("dataset_lines: the dataset is empty")
+        validate.dataset_lines(len(dataset_lines))
         bad: list[cpb.BadRow] = []
         prompts: dict[str, bytes] = {}
         duplicates = 0
@@ -151,20 +164,14 @@ class Coordinator:
                 f"dataset_lines: no usable conversation ({len(bad)} bad rows; first: "
                 f"{bad[0].reason if bad else 'all lines empty'})"
             )
+        validate.run_size(len(prompts), config.epochs)
         fingerprint = run_fingerprint(config, vocab.hash)
         dataset_hash = hashlib.sha256("\n".join(sorted(prompts)).encode()).hexdigest()[:32]
         now = self.clock()
         with self.engine.begin() as conn:
             row = conn.execute(select(RUNS).where(RUNS.c.run_id == run_id)).first()
             if row is not None:
-                if row.fingerprint == fingerprint and row.dataset_hash == dataset_hash:
-                    return cpb.CreateRunResponse(
-                        run=self._run_proto(row), bad_rows=bad, duplicate_prompts=duplicates
-                    )
-                raise AlreadyExists(
-                    f"run {run_id!r} exists with a different config or dataset "
-                    f"(fingerprint {row.fingerprint}, new {fingerprint}); pick another run_id"
-                )
+                return self._created_before(row, config, vocab, dataset_hash, bad, duplicates)
             conn.execute(insert(RUNS).values(
                 run_id=run_id, config=config.SerializeToString(),
                 vocab_map=vocab.SerializeToString(), fingerprint=fingerprint,
@@ -177,14 +184,14 @@ class Coordinator:
                 {"run_id": run_id, "prompt_id": pid, "position": i, "conversation": blob}
                 for i, (pid, blob) in enumerate(prompts.items())
             ])
-            conn.execute(insert(S), [
-                {"run_id": run_id, "sample_id": sample_id(pid, e), "prompt_id": pid,
-                 "epoch": e, "position": i, "prompt_state": PromptState.PENDING, "priority": 1,
-                 "sample_state": None, "attempts": 0, "losses": 0, "generation": 0,
-                 "reason": "", "nbytes": 0, "num_tokens": 0}
-                for e in range(config.epochs)
-                for i, pid in enumerate(prompts)
-            ])
+            rows = ({"run_id": run_id, "sample_id": sample_id(pid, e), "prompt_id": pid,
+                     "epoch": e, "position": i, "prompt_state": PromptState.PENDING,
+                     "priority": 1, "sample_state": None, "attempts": 0, "losses": 0,
+                     "generation": 0, "reason": "", "nbytes": 0, "num_tokens": 0}
+                    for e in range(config.epochs) for i, pid in enumerate(prompts))
+            # In chunks: memory stays bounded whatever prompts x epochs (up to the limit).
+            while chunk := list(itertools.islice(rows, INSERT_CHUNK)):
+                conn.execute(insert(S), chunk)
             if bad:
                 conn.execute(insert(BadRowRow.__table__), [
                     {"run_id": run_id, "line": b.line, "reason": b.reason} for b in bad
@@ -198,6 +205,23 @@ class Coordinator:
         log.info("run created", extra=event("run_created", run_id=run_id,
                                               prompts=len(prompts), bad_rows=len(bad)))
         return cpb.CreateRunResponse(run=run, bad_rows=bad, duplicate_prompts=duplicates)
+
+    def _created_before(self, row: Row, config: run_pb2.RunConfig, vocab: run_pb2.VocabMap,
+                        dataset_hash: str, bad: list[cpb.BadRow], duplicates: int
+                        ) -> cpb.CreateRunResponse:
+        """Creating an existing run again is a no-op when nothing differs; else say what."""
+        differ = validate.config_differences(self._config(row), config)
+        old_vocab = run_pb2.VocabMap()
+        old_vocab.ParseFromString(row.vocab_map)
+        differ += validate.config_differences(old_vocab, vocab, "vocab_map")
+        if row.dataset_hash != dataset_hash:
+            differ.append("dataset_lines")
+        if differ:
+            raise AlreadyExists(
+                f"run {row.run_id!r} exists with a different {', '.join(differ)}; pick another "
+                "run_id, or create it again with the same config and dataset")
+        return cpb.CreateRunResponse(run=self._run_proto(row), bad_rows=bad,
+                                     duplicate_prompts=duplicates)
 
     def get_run(self, run_id: str) -> cpb.Run:
         validate.run_id(run_id)
@@ -236,6 +260,11 @@ class Coordinator:
                 f"trainer_group: at most 64 characters, got {len(trainer_group)}")
         if trainer_group and ROLE_NAMES[role] != "TRAINER":
             raise InvalidArgument("trainer_group: only trainers belong to a trainer group")
+        if not trainer_group and ROLE_NAMES[role] == "TRAINER":
+            raise InvalidArgument(
+                "trainer_group: required for trainers: one id shared by every rank of one "
+                "launch (draftflow trainer draws it); a newer group's registration fences "
+                "older ones")
         now = self.clock()
         with self.engine.begin() as conn:
             row = self._run_row(conn, run_id)
@@ -251,6 +280,13 @@ class Coordinator:
             session_id = uuid.uuid4().hex
             superseded = 0
             if trainer_group and trainer_group != row.trainer_group:
+                if conn.execute(select(SESSIONS.c.session_id).where(
+                        SESSIONS.c.run_id == run_id, SESSIONS.c.trainer_group == trainer_group,
+                        SESSIONS.c.state == "SUPERSEDED").limit(1)).first() is not None:
+                    raise SessionSuperseded(
+                        f"trainer group {trainer_group!r} was replaced by a newer trainer group "
+                        "of this run; it cannot register again (the new group resumes from the "
+                        "last checkpoint)")
                 superseded = self._supersede(conn, run_id, trainer_group)
             conn.execute(insert(SESSIONS).values(
                 session_id=session_id, run_id=run_id, role=ROLE_NAMES[role],
@@ -276,12 +312,15 @@ class Coordinator:
 
     @staticmethod
     def _supersede(conn: Connection, run_id: str, trainer_group: str) -> int:
-        """Make ``trainer_group`` the run's group; refuse every session of older groups."""
+        """Make ``trainer_group`` the run's group; refuse every session of older groups.
+
+        Expired sessions are marked too, so an older group that was away (its sessions
+        expired) cannot register again and take the run back."""
         conn.execute(update(RUNS).where(RUNS.c.run_id == run_id)
                      .values(trainer_group=trainer_group))
         return conn.execute(update(SESSIONS).where(
             SESSIONS.c.run_id == run_id,
-            SESSIONS.c.role == "TRAINER", SESSIONS.c.state == "ACTIVE",
+            SESSIONS.c.role == "TRAINER", SESSIONS.c.state.in_(("ACTIVE", "EXPIRED")),
             SESSIONS.c.trainer_group.is_not(None),
             SESSIONS.c.trainer_group != trainer_group).values(state="SUPERSEDED")).rowcount
 
@@ -537,6 +576,7 @@ class Coordinator:
         with self.engine.begin() as conn:
             sess = self._session(conn, session_id, "TRAINER")
             run = self._run_row(conn, sess.run_id)
+            self._streamed_to(sess, run)
             if step == run.last_committed_step and step > 0:
                 retire = q.trained_refs(conn, sess.run_id, step, step)
                 return retire if sess.config.retain == run_pb2.RETAIN_POLICY_STEP else []
@@ -570,11 +610,12 @@ class Coordinator:
 
     def commit_checkpoint(self, session_id: str, step: int, uri: str
                           ) -> list[common_pb2.SampleRef]:
-        validate.required(uri, "uri")
+        validate.checkpoint_uri(uri)
         now = self.clock()
         with self.engine.begin() as conn:
             sess = self._session(conn, session_id, "TRAINER")
             run = self._run_row(conn, sess.run_id)
+            self._streamed_to(sess, run)
             if step > run.last_committed_step:
                 raise FailedPrecondition(
                     f"checkpoint step {step} is ahead of the last committed step "
@@ -714,6 +755,15 @@ class Coordinator:
             RUNS.c.final_step.is_not(None),
             RUNS.c.last_committed_step >= RUNS.c.final_step).values(state="COMPLETED"))
 
+    @staticmethod
+    def _streamed_to(sess: Session, run: Row) -> None:
+        """Only the group the run's steps are streamed to commits them and their checkpoints."""
+        if sess.trainer_group != run.trainer_group:
+            raise SessionSuperseded(
+                f"session {sess.session_id!r} belongs to trainer group {sess.trainer_group!r}, "
+                f"but this run's steps are streamed to group {run.trainer_group!r}; only that "
+                "group commits them")
+
     def _run_row(self, conn: Connection, run_id: str) -> Row:
         row = conn.execute(select(RUNS).where(RUNS.c.run_id == run_id)).first()
         if row is None:
@@ -737,10 +787,12 @@ class Coordinator:
             raise NotFound(f"session {session_id!r} does not exist; register the worker first")
         state = "EXPIRED" if row.state == "ACTIVE" and row.expires_at < self.clock() else row.state
         if state == "SUPERSEDED":
-            raise FailedPrecondition(
+            raise SessionSuperseded(
                 f"session {session_id!r} belongs to trainer group {row.trainer_group!r}, which a "
                 "newer trainer group of this run replaced; stop this trainer (the new group "
                 "resumes from the last checkpoint)")
+        if state == "EXPIRED":
+            raise SessionExpired(f"session {session_id!r} is expired; register again")
         if state != "ACTIVE":
             raise FailedPrecondition(
                 f"session {session_id!r} is {state.lower()}; register again")
@@ -748,12 +800,16 @@ class Coordinator:
             raise FailedPrecondition(
                 f"session {session_id!r} is a {row.role.lower()} session; this call needs a "
                 f"{role.lower()} session")
-        cfg = self._configs.get(row.rid)
+        return Session(session_id, row.rid, row.role, self._config_of(row.rid, row.config),
+                       row.trainer_group or "")
+
+    def _config_of(self, run_id: str, blob: bytes) -> run_pb2.RunConfig:
+        cfg = self._configs.get(run_id)
         if cfg is None:
             cfg = run_pb2.RunConfig()
-            cfg.ParseFromString(row.config)
-            self._configs[row.rid] = cfg
-        return Session(session_id, row.rid, row.role, cfg)
+            cfg.ParseFromString(blob)
+            self._configs[run_id] = cfg
+        return cfg
 
     def _leased_rows(self, conn: Connection, sess: Session,
                      handles: Iterable[cpb.LeaseHandle]) -> list:

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from coordinator import validate
 from coordinator.errors import InvalidArgument
 from coordinator.manager import Coordinator
 from services.api import coordinator_pb2 as cpb
@@ -36,6 +37,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                     f"message {number}: only the first message names the run (run_id, config, "
                     "vocab_map); send dataset_lines alone after it")
             lines.extend(part.dataset_lines)
+            validate.dataset_lines(len(lines))  # before the stream outgrows memory
         if first is None:
             raise InvalidArgument("the stream was empty; send run_id, config and vocab_map first")
         done = self.c.create_run(first.run_id, first.config, lines, first.vocab_map)

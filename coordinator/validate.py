@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from urllib.parse import urlsplit
 
 from google.protobuf.message import Message
 
@@ -298,3 +299,24 @@ def config_differences(old: Message, new: Message, prefix: str = "config") -> li
         elif list(a) != list(b) if fd.is_repeated else a != b:
             out.append(path)
     return out
+
+
+MAX_URI_CHARS = 4096
+
+
+def checkpoint_uri(uri: str, field: str = "uri") -> str:
+    """A checkpoint URI a trainer can load: ``file://`` and an absolute path, nothing else."""
+    required(uri, field)
+    if len(uri) > MAX_URI_CHARS:
+        raise InvalidArgument(f"{field}: {len(uri)} characters, at most {MAX_URI_CHARS}")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in uri):
+        raise InvalidArgument(f"{field}: control characters are not allowed")
+    parts = urlsplit(uri)
+    if parts.scheme != "file" or parts.netloc not in ("", "localhost"):
+        raise InvalidArgument(
+            f"{field}: {uri[:200]!r} must be a file:// URI of this cluster's checkpoint "
+            "directory (file:///ABSOLUTE/PATH), the only kind trainers load")
+    if not parts.path.startswith("/") or parts.query or parts.fragment:
+        raise InvalidArgument(f"{field}: {uri[:200]!r} must be file:///ABSOLUTE/PATH, without "
+                              "query or fragment")
+    return uri

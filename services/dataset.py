@@ -51,7 +51,11 @@ def parse_line(line: str) -> run_pb2.Conversation:
             raise BadRow(f"turn {i} has unknown role {role!r}")
         if not isinstance(content, str):
             raise BadRow(f"turn {i} has no text content")
-        conv.messages.add(role=_ROLE_ALIASES[role.lower()], content=content)
+        try:
+            conv.messages.add(role=_ROLE_ALIASES[role.lower()], content=content)
+        except UnicodeEncodeError as exc:  # a lone surrogate: JSON allows it, UTF-8 does not
+            raise BadRow(f"turn {i} text is not valid Unicode: {exc.reason} at character "
+                         f"{exc.start}") from None
     if not any(m.role == "assistant" for m in conv.messages):
         raise BadRow("no assistant turn: nothing to train on")
     return conv

@@ -2,6 +2,12 @@
 
 One ``CoordinatorSession`` per rank. Every rank registers its own session (with the fingerprint
 computed on this node) and streams its own slice; only rank 0 commits steps and checkpoints.
+
+A session that expired (the coordinator was away longer than the session lifetime) is replaced
+by a new registration under the same trainer group, and the call that found it expired is made
+again: the coordinator kept every assigned and committed step, commits are idempotent, and the
+weights in memory are those of the last step trained, so training continues where it was and
+each step is still trained once. Only a newer group's registration (SUPERSEDED) ends it.
 """
 
 from __future__ import annotations
@@ -9,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +28,27 @@ from services.fingerprint import run_fingerprint
 from services.logs import event
 from services.rpc.client import open_channel
 from services.rpc.retry import call_retrying
+from services.rpc.server import REASON_KEY
 from services.tokenizer import tokenizer_hash
 
 log = logging.getLogger(__name__)
 
 RECONNECT_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 """Waits between StreamSteps reconnects while the coordinator is UNAVAILABLE; the last repeats."""
+
+
+def refusal_reason(exc: grpc.RpcError) -> str:
+    """The coordinator's machine-readable reason for a refusal (``SESSION_EXPIRED``, ...)."""
+    trailing = getattr(exc, "trailing_metadata", None)
+    for key, value in (trailing() if trailing is not None else None) or ():
+        if key == REASON_KEY:
+            return str(value)
+    return ""
+
+
+def _expired(exc: grpc.RpcError) -> bool:
+    return (exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+            and refusal_reason(exc) == "SESSION_EXPIRED")
 
 
 class RegistrationRefused(RuntimeError):
@@ -79,6 +100,10 @@ class CoordinatorSession:
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._call: Any = None
+        self._fingerprint = ""
+        self._rejoin_lock = threading.Lock()
+        self.rejoins = 0
+        """Times this rank registered again after its session expired."""
 
     # -- registration -------------------------------------------------------------------------
 
@@ -88,16 +113,8 @@ class CoordinatorSession:
     def register(self, fingerprint: str) -> cpb.RegisterWorkerResponse:
         """Register as a trainer; a refusal (fingerprint, cancelled run) raises
         ``RegistrationRefused``."""
-        try:
-            resp = self.stub.RegisterWorker(cpb.RegisterWorkerRequest(
-                run_id=self.run_id, role=common_pb2.WORKER_ROLE_TRAINER, fingerprint=fingerprint,
-                identity=self.identity, trainer_group=self.trainer_group))
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                raise RegistrationRefused(exc.details()) from None
-            raise
-        self.session_id = resp.session_id
-        self.registration = resp
+        self._fingerprint = fingerprint
+        resp = self._register(self.stub.RegisterWorker)
         interval = resp.heartbeat_interval_seconds or 1.0
         self._heartbeat = threading.Thread(target=self._beat, args=(interval,),
                                            name="trainer-heartbeat", daemon=True)
@@ -108,13 +125,55 @@ class CoordinatorSession:
             last_checkpoint_step=resp.last_checkpoint_step))
         return resp
 
+    def _register(self, call: Any) -> cpb.RegisterWorkerResponse:
+        try:
+            resp = call(cpb.RegisterWorkerRequest(
+                run_id=self.run_id, role=common_pb2.WORKER_ROLE_TRAINER,
+                fingerprint=self._fingerprint, identity=self.identity,
+                trainer_group=self.trainer_group))
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise RegistrationRefused(exc.details()) from None
+            raise
+        self.session_id = resp.session_id
+        self.registration = resp
+        return resp
+
+    def rejoin(self, expired: str) -> None:
+        """Register again under the same trainer group after session ``expired`` expired.
+
+        Every thread that finds the session expired calls this; the first registers, the rest
+        find ``session_id`` already replaced. A newer group's registration since then makes
+        the coordinator refuse (``RegistrationRefused``): this group is done.
+        """
+        with self._rejoin_lock:
+            if self.session_id != expired:
+                return
+            call_retrying("RegisterWorker", self._register, self.stub.RegisterWorker,
+                          give_up=self._stop.is_set, wait=self._stop.wait, logger=log,
+                          run_id=self.run_id, session_id=expired)
+            self.rejoins += 1
+        log.warning("session expired, registered again in the same trainer group", extra=event(
+            "trainer_rejoined", run_id=self.run_id, session_id=self.session_id,
+            expired_session_id=expired, trainer_group=self.trainer_group, identity=self.identity,
+            rejoins=self.rejoins))
+
     def _beat(self, interval: float) -> None:
         while not self._stop.wait(interval):
+            sid = self.session_id
             try:
-                resp = self.stub.Heartbeat(cpb.HeartbeatRequest(session_id=self.session_id),
+                resp = self.stub.Heartbeat(cpb.HeartbeatRequest(session_id=sid),
                                            timeout=max(interval, 1.0))
                 self.run_active = resp.run_active
             except grpc.RpcError as exc:
+                if _expired(exc):
+                    try:
+                        self.rejoin(sid)
+                    except (grpc.RpcError, RegistrationRefused) as why:
+                        # The training thread meets the same refusal at its next call.
+                        log.warning("registering again failed: %s", why, extra=event(
+                            "rejoin_failed", run_id=self.run_id, session_id=sid))
+                    continue
                 # A missed beat is survivable; the session only expires after several.
                 log.warning("heartbeat failed: %s", exc.code().name, extra=event(
                     "heartbeat_failed", run_id=self.run_id, session_id=self.session_id))
@@ -132,8 +191,9 @@ class CoordinatorSession:
         """
         step, failures = from_step, 0
         while stop is None or not stop.is_set():
+            sid = self.session_id
             call = self._call = self.stub.StreamSteps(cpb.StreamStepsRequest(
-                session_id=self.session_id, rank=rank, from_step=step, prefetch=prefetch,
+                session_id=sid, rank=rank, from_step=step, prefetch=prefetch,
                 resume=resume))
             resume = False
             try:
@@ -145,6 +205,9 @@ class CoordinatorSession:
                     step = msg.step + 1
                 return
             except grpc.RpcError as exc:
+                if _expired(exc):
+                    self.rejoin(sid)
+                    continue
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     raise
                 if exc.code() == grpc.StatusCode.CANCELLED and (stop is None or stop.is_set()):
@@ -167,36 +230,43 @@ class CoordinatorSession:
         if self._call is not None:
             self._call.cancel()
 
-    def _retrying(self, name: str, method: Any, request: Any) -> Any:
-        """Call the coordinator, waiting out an outage until it answers or ``close`` is called.
+    def _retrying(self, name: str, call: Callable[[str], Any]) -> Any:
+        """``call(session_id)``, waiting out an outage until the coordinator answers or
+        ``close`` is called, and made again in a new session if this one expired meanwhile.
         Every call made this way is idempotent (a step committed twice answers OK)."""
-        return call_retrying(name, method, request, give_up=self._stop.is_set,
-                             wait=self._stop.wait, logger=log, run_id=self.run_id,
-                             session_id=self.session_id)
+        while True:
+            sid = self.session_id
+            try:
+                return call_retrying(name, call, sid, give_up=self._stop.is_set,
+                                     wait=self._stop.wait, logger=log, run_id=self.run_id,
+                                     session_id=sid)
+            except grpc.RpcError as exc:
+                if not _expired(exc) or self._stop.is_set():
+                    raise
+                self.rejoin(sid)
 
     def commit_step(self, step: int, loss: float) -> list[common_pb2.SampleRef]:
         """Mark ``step`` trained; returns the samples whose tensors may now be freed."""
-        return list(self._retrying("CommitStep", self.stub.CommitStep, cpb.CommitStepRequest(
-            session_id=self.session_id, step=step, loss=loss)).retire)
+        return list(self._retrying("CommitStep", lambda sid: self.stub.CommitStep(
+            cpb.CommitStepRequest(session_id=sid, step=step, loss=loss))).retire)
 
     def commit_checkpoint(self, step: int, uri: str) -> list[common_pb2.SampleRef]:
         """Record a durable checkpoint after ``step``; returns samples it lets us free."""
-        return list(self._retrying(
-            "CommitCheckpoint", self.stub.CommitCheckpoint, cpb.CommitCheckpointRequest(
-                session_id=self.session_id, step=step, uri=uri)).retire)
+        return list(self._retrying("CommitCheckpoint", lambda sid: self.stub.CommitCheckpoint(
+            cpb.CommitCheckpointRequest(session_id=sid, step=step, uri=uri))).retire)
 
     def report_lost(self, ref: common_pb2.SampleRef, reason: str) -> bool:
         """Tell the coordinator a sample's tensors are gone; False if it went DEAD instead."""
-        return self._retrying("ReportLost", self.stub.ReportLost, cpb.ReportLostRequest(
-            session_id=self.session_id, sample_id=ref.sample_id, generation=ref.generation,
-            reason=reason)).recapture
+        return self._retrying("ReportLost", lambda sid: self.stub.ReportLost(
+            cpb.ReportLostRequest(session_id=sid, sample_id=ref.sample_id,
+                                  generation=ref.generation, reason=reason))).recapture
 
     def retire(self, sample_ids: Sequence[str]) -> int:
         """Tell the coordinator these samples' tensors are freed."""
         if not sample_ids:
             return 0
-        return self._retrying("RetireSamples", self.stub.RetireSamples, cpb.RetireSamplesRequest(
-            session_id=self.session_id, sample_ids=list(sample_ids))).retired
+        return self._retrying("RetireSamples", lambda sid: self.stub.RetireSamples(
+            cpb.RetireSamplesRequest(session_id=sid, sample_ids=list(sample_ids)))).retired
 
     def stop_retrying(self) -> None:
         """Make calls waiting out an outage give up (raise) now; used when training ends."""

@@ -62,7 +62,8 @@ def test_eight_producers_four_ranks_two_coordinators(pg_url: str) -> None:
             stub = stubs[rank % 2]
             sid = stub.RegisterWorker(cpb.RegisterWorkerRequest(
                 run_id="r1", role=common_pb2.WORKER_ROLE_TRAINER,
-                fingerprint=h.fingerprint(config), identity=f"rank{rank}")).session_id
+                fingerprint=h.fingerprint(config), identity=f"rank{rank}",
+                trainer_group="g")).session_id
             for msg in stub.StreamSteps(cpb.StreamStepsRequest(
                     session_id=sid, rank=rank, from_step=1, prefetch=2)):
                 if msg.end_of_data:

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import text
 
 from coordinator import db
-from coordinator.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from coordinator.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    SessionExpired,
+    SessionSuperseded,
+)
 from coordinator.manager import Coordinator
 from services.api import common_pb2, run_pb2
 from services.api import coordinator_pb2 as cpb
@@ -35,7 +43,7 @@ def producer(c: Coordinator, config: run_pb2.RunConfig, run_id: str = "r1") -> s
 
 
 def trainer(c: Coordinator, config: run_pb2.RunConfig, run_id: str = "r1") -> str:
-    return c.register_worker(run_id, TRAINER, h.fingerprint(config), "t").session_id
+    return c.register_worker(run_id, TRAINER, h.fingerprint(config), "t", "g").session_id
 
 
 def capture_all(c: Coordinator, sid: str, run_id: str = "r1") -> list[cpb.PromptLease]:
@@ -68,8 +76,75 @@ def test_create_run_again_is_idempotent_but_refuses_a_different_config(coord: Co
     make_run(coord)
     again = coord.create_run("r1", h.run_config(), h.dataset(4), h.vocab_map())
     assert again.run.num_prompts == 4
-    with pytest.raises(AlreadyExists, match="different config or dataset"):
+    with pytest.raises(AlreadyExists, match="exists with a different dataset_lines; pick"):
         coord.create_run("r1", h.run_config(), h.dataset(5), h.vocab_map())
+    changed = h.run_config(epochs=2)
+    changed.training.learning_rate = 5e-4
+    with pytest.raises(AlreadyExists, match=r"different config\.training\.learning_rate, "
+                                            r"config\.epochs; pick another run_id"):
+        coord.create_run("r1", changed, h.dataset(4), h.vocab_map())
+    assert coord.get_run("r1").config.epochs == 1
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(("path", "value", "message"), [
+    ("lease.lease_seconds", NAN, "config.lease.lease_seconds: must be a finite number, got nan"),
+    ("lease.lease_seconds", INF, "config.lease.lease_seconds: must be a finite number, got inf"),
+    ("lease.lease_seconds", 1e9, r"config.lease.lease_seconds: must be in \(0, 604800\]"),
+    ("lease.heartbeat_seconds", NAN, "config.lease.heartbeat_seconds: must be a finite"),
+    ("lease.heartbeat_seconds", -INF, "config.lease.heartbeat_seconds: must be > 0, got -inf"),
+    ("training.learning_rate", NAN, "config.training.learning_rate: must be a finite"),
+    ("training.learning_rate", 3.0, r"config.training.learning_rate: must be in \(0, 1\]"),
+    ("training.max_grad_norm", -1.0, r"config.training.max_grad_norm: must be in \[0, 1e\+06\]"),
+    ("watermark.retry_after_seconds", NAN, "config.watermark.retry_after_seconds: must be a"),
+    ("watermark.low_samples", -1, r"config.watermark.low_samples: must be in \[0, "),
+    ("capture.max_length", 1 << 30, r"config.capture.max_length: must be in \[1, 1048576\]"),
+    ("draft.ttt_length", 100_000, r"config.draft.ttt_length: must be in \[0, 64\]"),
+    ("epochs", 2_000_000_000, r"config.epochs: must be in \[1, 1000\], got 2000000000"),
+    ("lease.max_attempts", 1 << 30, r"config.lease.max_attempts: must be in \[1, 1000\]"),
+    ("step.micro_batch", 1 << 20, r"config.step.micro_batch: must be in \[1, 4096\]"),
+    ("draft.algorithm", "medusa", r"config\.draft\.algorithm.*'medusa'.*eagle3"),
+    ("retain", 7, "config.retain: 7 is not a RetainPolicy"),
+])
+def test_create_run_refuses_out_of_range_values(coord: Coordinator, path: str, value: object,
+                                                message: str) -> None:
+    cfg = h.run_config()
+    *parents, name = path.split(".")
+    target = cfg
+    for part in parents:
+        target = getattr(target, part)
+    setattr(target, name, value)
+    with pytest.raises(InvalidArgument, match=message):
+        coord.create_run("r1", cfg, h.dataset(2), h.vocab_map())
+    assert coord.list_runs() == []
+
+
+def test_watermark_below_one_step_is_refused(coord: Coordinator) -> None:
+    cfg = h.run_config(world=2, micro=2, accum=2, high=7, low=2)
+    with pytest.raises(InvalidArgument, match=(
+            r"config.watermark.high_samples: 7 is below one step's 8 samples .*at least 8")):
+        coord.create_run("r1", cfg, h.dataset(16), h.vocab_map())
+    coord.create_run("r1", h.run_config(world=2, micro=2, accum=2, high=8, low=2),
+                     h.dataset(16), h.vocab_map())
+
+
+def test_more_samples_than_a_run_holds_is_refused(coord: Coordinator) -> None:
+    with pytest.raises(InvalidArgument, match=(
+            r"config.epochs: 3000 prompts x 1000 epochs = 3000000 samples, more than the "
+            r"2000000 a run may hold")):
+        coord.create_run("r1", h.run_config(epochs=1000), h.dataset(3000), h.vocab_map())
+    assert coord.list_runs() == []
+
+
+def test_a_lone_surrogate_is_one_bad_row(coord: Coordinator) -> None:
+    rows = [*h.dataset(2), '{"conversations": [{"from": "human", "value": "hi \\ud800"}, '
+            '{"from": "gpt", "value": "ok"}]}']
+    resp = coord.create_run("r1", h.run_config(), rows, h.vocab_map())
+    assert resp.run.num_prompts == 2
+    assert [(b.line, b.reason) for b in resp.bad_rows] == [
+        (3, "turn 0 text is not valid Unicode: surrogates not allowed at character 3")]
 
 
 @pytest.mark.parametrize(("mutate", "message"), [
@@ -455,13 +530,44 @@ def test_a_new_trainer_group_fences_the_old_one(coord: Coordinator) -> None:
     coord.heartbeat(late)
 
 
-def test_sessions_without_a_group_neither_fence_nor_are_fenced(coord: Coordinator) -> None:
+def test_only_the_group_the_steps_are_streamed_to_commits(coord: Coordinator) -> None:
+    cfg = make_run(coord, n=4)
+    capture_all(coord, producer(coord, cfg))
+    tid = group_rank(coord, cfg, "g1", 0)
+    sess = coord.open_stream(tid, 0, 1)
+    assert coord.deliver(sess, 0, 1, 1).kind == "READY"
+    with pytest.raises(InvalidArgument, match="trainer_group: required for trainers"):
+        coord.register_worker("r1", TRAINER, h.fingerprint(cfg), "no-group")
+    # A session of another group than the run's (as a restored database could hold) commits
+    # nothing and records no checkpoint.
+    with coord.engine.begin() as conn:
+        conn.execute(text("UPDATE runs SET trainer_group = 'g2' WHERE run_id = 'r1'"))
+    for call in (lambda: coord.commit_step(tid, 1, 0.5),
+                 lambda: coord.commit_checkpoint(tid, 1, "file:///ckpt/1")):
+        with pytest.raises(SessionSuperseded, match="steps are streamed to group 'g2'"):
+            call()
+    assert coord.run_status("r1").last_committed_step == 0
+
+
+@pytest.mark.parametrize(("uri", "message"), [
+    ("", "uri: required"),
+    ("s3://bucket/ckpt/1", "must be a file:// URI"),
+    ("file://other-host/ckpt/1", "must be a file:// URI"),
+    ("file:relative/ckpt", "must be file:///ABSOLUTE/PATH"),
+    ("file:///ckpt/1?x=1", "without query or fragment"),
+    ("file:///ckpt/\n1", "control characters"),
+    ("file:///" + "a" * 5000, "at most 4096"),
+])
+def test_checkpoint_uri_must_be_a_local_absolute_file_uri(coord: Coordinator, uri: str,
+                                                         message: str) -> None:
     cfg = make_run(coord, n=2)
-    tool = trainer(coord, cfg)
-    group_rank(coord, cfg, "g1", 0)
-    group_rank(coord, cfg, "g2", 0)
-    assert coord.heartbeat(tool)
-    assert len([w for w in coord.run_status("r1").workers if w.role == TRAINER]) == 2
+    capture_all(coord, producer(coord, cfg))
+    tid = trainer(coord, cfg)
+    assert coord.deliver(coord.open_stream(tid, 0, 1), 0, 1, 1).kind == "READY"
+    coord.commit_step(tid, 1, 0.5)
+    with pytest.raises(InvalidArgument, match=message):
+        coord.commit_checkpoint(tid, 1, uri)
+    coord.commit_checkpoint(tid, 1, "file:///ckpt/step-000000001")
 
 
 @pytest.mark.parametrize(("role", "group", "message"), [
@@ -534,3 +640,33 @@ def test_report_lost_recaptures_then_dies_after_max_deliveries(coord: Coordinato
         coord.report_lost(tid, ref.sample_id, 5, "x")
     with pytest.raises(NotFound):
         coord.report_lost(tid, "nope:e0", 0, "x")
+
+
+def test_an_expired_group_registers_again_unless_a_newer_group_took_over(
+        coord: Coordinator, clock: ManualClock) -> None:
+    cfg = make_run(coord, n=4, world=1)
+    capture_all(coord, producer(coord, cfg))
+    first = group_rank(coord, cfg, "g1", 0)
+    sess = coord.open_stream(first, 0, 1)
+    assert coord.deliver(sess, 0, 1, 2).kind == "READY"
+    assert coord.deliver(sess, 0, 2, 2).kind == "READY"
+    coord.commit_step(first, 1, 0.5)
+    clock.advance(16)  # past the 15 s session lifetime: the coordinator was away
+    coord.reap()
+    with pytest.raises(SessionExpired, match="expired; register again"):
+        coord.commit_step(first, 2, 0.5)
+    # Same group again: no fencing, and the new session carries on at the next step.
+    again = group_rank(coord, cfg, "g1", 0)
+    coord.commit_step(again, 2, 0.4)
+    resumed = coord.open_stream(again, 0, 3)
+    assert coord.deliver(resumed, 0, 3, 2).kind == "READY"
+    assert coord.run_status("r1").last_committed_step == 2
+
+    # Away again; a newer group registers meanwhile: the old group may not come back.
+    clock.advance(16)
+    coord.reap()
+    group_rank(coord, cfg, "g2", 0)
+    with pytest.raises(SessionSuperseded, match="'g1' was replaced by a newer trainer group"):
+        group_rank(coord, cfg, "g1", 0)
+    with pytest.raises(SessionSuperseded):
+        coord.heartbeat(again)

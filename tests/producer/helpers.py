@@ -60,7 +60,7 @@ def read_all_steps(stub: Any, run: cpb.Run, store: FeatureStore
     """Stream every step as a trainer would, read each sample, commit the step."""
     tid = stub.RegisterWorker(cpb.RegisterWorkerRequest(
         run_id=run.run_id, role=common_pb2.WORKER_ROLE_TRAINER, fingerprint=run.fingerprint,
-        identity="test-trainer")).session_id
+        identity="test-trainer", trainer_group="test")).session_id
     out = []
     for msg in stub.StreamSteps(cpb.StreamStepsRequest(session_id=tid, rank=0, from_step=1,
                                                        prefetch=4)):

@@ -102,7 +102,7 @@ def test_captured_producer_waits_recaptures_and_stops_when_the_run_completes(
     # A trainer finds one sample's tensors gone: its prompt goes back to capture.
     tid = stub.RegisterWorker(cpb.RegisterWorkerRequest(
         run_id=run.run_id, role=common_pb2.WORKER_ROLE_TRAINER, fingerprint=run.fingerprint,
-        identity="lost-finder")).session_id
+        identity="lost-finder", trainer_group="test")).session_id
     sample_id = f"{prompt_id(parse_line(lines(1)[0]))}:e0"
     assert stub.ReportLost(cpb.ReportLostRequest(
         session_id=tid, sample_id=sample_id, generation=0, reason="test")).recapture
