@@ -30,7 +30,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from draftflow.paths import DEFAULT_CONFIG, DEFAULT_WORKDIR, EXAMPLES, TINY_TARGET
+from draftflow.paths import DEFAULT_CONFIG, DEFAULT_WORKDIR, EXAMPLES
 from draftflow.runtime_env import thread_env
 from draftflow.stack import Child, Stack
 from draftflow.up_report import Summary, TrainerWatch, final_figures
@@ -135,7 +135,7 @@ def _target_path(config_path: Path, work: Path) -> Path:
     cfg = load_run_config(config_path)
     if (config_path.resolve().parent == EXAMPLES.resolve()
             and not Path(cfg.target.model_path).is_absolute()):
-        return work / TINY_TARGET
+        return work / Path(cfg.target.model_path).name
     return cfg.model_path(config_path).resolve()
 
 
@@ -144,13 +144,13 @@ def _prepare_target(config_path: Path, work: Path, console: Console) -> Path:
     model = _target_path(config_path, work)
     if (model / "config.json").is_file():
         return model
-    if model != work / TINY_TARGET:
+    from services.tiny_model import EXAMPLE_TARGETS
+
+    if model.parent != work or model.name not in EXAMPLE_TARGETS:
         raise UpError(f"target.model_path {model} has no model; point the config at a local "
                       "Hugging Face model directory")
-    from services.tiny_model import build_example_target
-
     with console.status(f"building the tiny target model in {model} (once, about a minute)"):
-        build_example_target(model)
+        EXAMPLE_TARGETS[model.name](model)
     return model
 
 
@@ -245,8 +245,11 @@ def run(opts: UpOptions) -> int:
             # Every step passed between two polls, or nothing was left to train: the last
             # step a trainer of this run trained, as it wrote it down.
             figures = final_figures(out_dir / STATUS_FILE) or figures
-        summary = Summary.of(status, figures, run_obj.config.draft.draft_vocab_size,
-                             time.monotonic() - started, out_dir / "final")
+        draft_cfg = run_obj.config.draft
+        summary = Summary.of(status, figures,
+                             draft_cfg.draft_vocab_size or run_obj.config.target.vocab_size,
+                             time.monotonic() - started, out_dir / "final",
+                             draft_cfg.algorithm or "eagle3")
         summary.write(out_dir / "summary.json")
         summary.print(console, out_dir)
         log.debug("up finished", extra=event("up_done", run_id=run_id,

@@ -38,6 +38,13 @@ class TrainerFigures:
     device: str = ""
     majority_accuracy: float = 0.0
     """Top-1 of always guessing the most frequent next token (0: not reported)."""
+    extras: dict[str, float] = field(default_factory=dict)
+    """Strategy figures shown beside the common ones (Domino's base head and lambda), averaged
+    like the accuracies."""
+
+
+EXTRA_FIGURES = ("base_accuracy", "base_accept_len", "base_loss", "lambda_base")
+"""Strategy metrics the summary shows when a trainer reports them."""
 
 
 def final_figures(path: Path) -> TrainerFigures | None:
@@ -56,7 +63,8 @@ def final_figures(path: Path) -> TrainerFigures | None:
         acceptance_length=last.simulated_acceptance_length,
         samples_per_second=last.samples_per_second,
         data_wait_fraction=last.data_wait_fraction, device=last.device,
-        majority_accuracy=last.majority_accuracy)
+        majority_accuracy=last.majority_accuracy,
+        extras={k: last.metrics[k] for k in EXTRA_FIGURES if k in last.metrics})
 
 
 class TrainerWatch:
@@ -107,6 +115,8 @@ class TrainerWatch:
             data_wait_fraction=self._last.data_wait_fraction,
             device=self._last.device,
             majority_accuracy=self._last.majority_accuracy,
+            extras={k: sum(s.metrics[k] for s in self._steps) / n for k in EXTRA_FIGURES
+                    if all(k in s.metrics for s in self._steps)},
         )
 
 
@@ -123,15 +133,17 @@ class Summary:
     trainer: TrainerFigures
     seconds: float
     draft: str
+    algorithm: str = "eagle3"
 
     @staticmethod
     def of(status: cpb.RunStatus, figures: TrainerFigures, draft_vocab_size: int,
-           seconds: float, draft: Path) -> Summary:
+           seconds: float, draft: Path, algorithm: str = "eagle3") -> Summary:
+        """``draft_vocab_size``: the vocabulary the draft predicts over (chance is one over it)."""
         return Summary(
             run_id=status.run_id, steps=status.last_committed_step,
             final_loss=status.last_step_loss, samples=dict(status.samples),
             prompts=dict(status.prompts), chance_accuracy=1.0 / max(draft_vocab_size, 1),
-            trainer=figures, seconds=seconds, draft=str(draft))
+            trainer=figures, seconds=seconds, draft=str(draft), algorithm=algorithm)
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -150,12 +162,16 @@ class Summary:
         if t.accuracies:
             shown = "  ".join(f"{a:.3f}" for a in t.accuracies)
             last = f"last {t.steps_seen} steps" if t.steps_seen > 1 else "last step"
-            table.add_row("top-1 accuracy", f"{shown}  (unroll positions 1..{len(t.accuracies)}, "
+            where = ("unroll positions" if self.algorithm == "eagle3"
+                     else "block positions after the anchor")
+            table.add_row("top-1 accuracy", f"{shown}  ({where} 1..{len(t.accuracies)}, "
                           f"{last})")
             table.add_row("acceptance length", f"{t.acceptance_length:.2f} tokens per "
                           f"verification (simulated; 1.00 = draft never accepted)")
             table.add_row("chance", f"{self.chance_accuracy:.4f} top-1 (uniform over the draft "
                           "vocabulary)")
+            for key, value in sorted(t.extras.items()):
+                table.add_row(key.replace("_", " "), f"{value:.3f}")
             if t.majority_accuracy:
                 verdict = ("the draft beats it" if t.accuracies[0] > t.majority_accuracy
                            else "the draft does not beat it yet")
@@ -167,8 +183,9 @@ class Summary:
         table.add_row("time", f"{self.seconds:.0f} s")
         table.add_row("draft", self.draft)
         console.print(table)
+        served = "EAGLE3" if self.algorithm == "eagle3" else "DFLASH"
         console.print("serve it: python -m sglang.launch_server --model-path TARGET "
-                      "--speculative-algorithm EAGLE3 --speculative-draft-model-path "
+                      f"--speculative-algorithm {served} --speculative-draft-model-path "
                       f"{self.draft}")
 
 

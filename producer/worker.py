@@ -95,6 +95,15 @@ class ProducerStats:
     in_flight: int = 0
 
 
+NO_TRAINED_PAIR = ("no two consecutive trained tokens after truncation: a DFlash-family draft "
+                   "needs an anchor token and the token after it to be trained on")
+
+
+def _has_trained_pair(prompt: PreparedPrompt) -> bool:
+    mask = prompt.loss_mask.bool()
+    return bool((mask[:-1] & mask[1:]).any())
+
+
 class RegistrationRefused(RuntimeError):
     """The coordinator refused this producer: a fingerprint mismatch (the message has both
     values) or a run that is cancelled."""
@@ -309,6 +318,8 @@ class Producer:
                 it.prompt = _prepare(self._tokenizer,
                                      messages_from_conversation(it.lease.conversation),
                                      self._max_length, self._template)
+                if self._engine.plan.needs_supervised_pair and not _has_trained_pair(it.prompt):
+                    raise PromptError(NO_TRAINED_PAIR)
                 ready.append(it)
             except PromptError as exc:
                 bad.setdefault(exc.reason, []).append(it)

@@ -47,6 +47,12 @@ class CapturePlan:
         final = (FINAL_HIDDEN_TENSOR,) if self.final_hidden else ()
         return (*TOKEN_TENSORS, self.layers_tensor, *final)
 
+    @property
+    def needs_supervised_pair(self) -> bool:
+        """Whether a sample needs two consecutive trained tokens (a DFlash anchor and the token
+        after it); a prompt without them cannot be trained on."""
+        return self.layers_tensor == DFLASH_LAYERS_TENSOR
+
     def to_proto(self) -> common_pb2.CapturePlan:
         return common_pb2.CapturePlan(layer_ids=list(self.layer_ids),
                                       layers_tensor=self.layers_tensor,

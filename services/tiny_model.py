@@ -186,6 +186,17 @@ def build_example_target(out_dir: str | Path) -> Path:
     return build_tiny_target(out_dir, pretrain_steps=EXAMPLE_PRETRAIN_STEPS)
 
 
+def build_example_qwen3_target(out_dir: str | Path) -> Path:
+    """The target of ``examples/tiny-dflash.yaml`` and ``tiny-domino.yaml``: a tiny Qwen3
+    (the architecture SGLang serves DFlash drafts for), pre-trained like the default one."""
+    return build_tiny_target(out_dir, arch="qwen3", pretrain_steps=EXAMPLE_PRETRAIN_STEPS)
+
+
+EXAMPLE_TARGETS = {"tiny-target": build_example_target,
+                   "tiny-qwen3-target": build_example_qwen3_target}
+"""Directory name a bundled example's ``target.model_path`` ends in -> how to build it."""
+
+
 def _pretrain(model, tokenizer, dataset: Path, steps: int, seed: int) -> None:  # type: ignore[no-untyped-def]
     """Next-token training on the dataset's chat-formatted conversations (seeded, CPU)."""
     import torch

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.api import run_pb2
 from trainer.steps import Geometry
@@ -34,6 +36,14 @@ class TrainerConfig:
     """World size, micro-batch and accumulation."""
     total_steps: int | None = None
     """The run's optimizer-step horizon, for schedules (Domino's lambda); None when unknown."""
+    draft_options: Mapping[str, Any] = field(default_factory=dict)
+    """The DFlash family's draft settings (``draft.dflash`` and ``draft.domino`` fields)."""
+
+    def strategy_options(self) -> dict[str, Any]:
+        """Keyword arguments of the strategy's factory in the registry."""
+        if self.algorithm == "eagle3":
+            return {"ttt_length": self.ttt_length}
+        return dict(self.draft_options)
 
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
@@ -60,4 +70,27 @@ class TrainerConfig:
             algorithm=d.algorithm or cls.algorithm,
             ttt_length=d.ttt_length or cls.ttt_length,
             geometry=Geometry(s.world_size or 1, s.micro_batch or 1, s.accumulation or 1),
+            total_steps=t.total_steps or None,
+            draft_options=draft_options(d),
         )
+
+
+def draft_options(draft: run_pb2.DraftConfig) -> dict[str, Any]:
+    """The wire ``draft.dflash`` / ``draft.domino`` settings as strategy factory options."""
+    if not draft.HasField("dflash"):
+        return {}
+    f = draft.dflash
+    options: dict[str, Any] = {
+        "num_hidden_layers": f.num_hidden_layers, "block_size": f.block_size,
+        "num_anchors": f.num_anchors, "loss_decay_gamma": f.loss_decay_gamma,
+        "mask_token_id": f.mask_token_id, "layer_types": list(f.layer_types) or None,
+        "sliding_window": f.sliding_window, "attention_backend": f.attention_backend or "sdpa",
+        "objective_chunk_blocks": f.objective_chunk_blocks,
+    }
+    if draft.HasField("domino"):
+        m = draft.domino
+        options.update(emb_dim=m.emb_dim, gru_hidden_dim=m.gru_hidden_dim,
+                       shift_label=m.shift_label, pure_draft_prefix_len=m.pure_draft_prefix_len,
+                       lambda_base_start=m.lambda_base_start,
+                       lambda_base_decay_ratio=m.lambda_base_decay_ratio)
+    return options

@@ -242,7 +242,7 @@ def build_trainer(
     """Load the target head, build the seeded draft, wrap it, and return a ready trainer."""
     dist_ctx = dist_ctx or DistContext()
     head = load_target_head(target_dir, dtype=dtype)
-    strategy = get_strategy(cfg.algorithm, ttt_length=cfg.ttt_length)
+    strategy = get_strategy(cfg.algorithm, **cfg.strategy_options())
     settings = DraftSettings(
         target=head, draft_token_ids=list(draft_token_ids), aux_layer_ids=list(aux_layer_ids),
         ttt_length=cfg.ttt_length, seed=cfg.seed,

@@ -71,7 +71,11 @@ def parallelize(model: nn.Module, mode: Mode, ctx: DistContext) -> nn.Module:
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        fully_shard(model.midlayer)
+        # Shard each decoder layer on its own (EAGLE3 has one, the DFlash family a stack), then
+        # the rest of the draft.
+        layers = getattr(model, "layers", None) or [model.midlayer]
+        for layer in layers:
+            fully_shard(layer)
         fully_shard(model)
         return model
     raise ValueError(f"parallel mode {mode!r}: use 'none', 'ddp' or 'fsdp'")

@@ -103,6 +103,8 @@ class TrainerStatus:
     acceptance_length: float = 0.0
     majority_accuracy: float = 0.0
     """Top-1 of always guessing the most frequent next token, over the steps trained here."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Every figure the strategy reported for the last step."""
     samples_per_second: float = 0.0
     data_wait_fraction: float = 0.0
     data_wait_seconds: float = 0.0
@@ -119,7 +121,13 @@ class TrainerStatus:
             accuracies=list(self.accuracies), samples_per_second=self.samples_per_second,
             data_wait_fraction=self.data_wait_fraction,
             simulated_acceptance_length=self.acceptance_length, world_size=self.world_size,
-            device=self.device, majority_accuracy=self.majority_accuracy)
+            device=self.device, majority_accuracy=self.majority_accuracy, metrics=self.metrics)
+
+
+def position_accuracies(metrics: dict[str, float]) -> list[float]:
+    """The ``acc_<position>`` figures of a step, in position order."""
+    positions = sorted(int(k[4:]) for k in metrics if k.startswith("acc_") and k[4:].isdigit())
+    return [float(metrics[f"acc_{p}"]) for p in positions]
 
 
 def checkpoint_uri(path: Path) -> str:
@@ -438,7 +446,8 @@ class CoordinatorRunner:
         s.step, s.loss, s.steps_trained = step, float(metrics["loss"]), trained
         self.losses.append((step, s.loss))
         self.timeline.append((time.perf_counter(), float(metrics.get("step_seconds", 0.0))))
-        s.accuracies = [metrics[f"acc_{k}"] for k in range(self.train_cfg.ttt_length)]
+        s.accuracies = position_accuracies(metrics)
+        s.metrics = {k: float(v) for k, v in metrics.items()}
         s.acceptance_length = float(metrics.get("acceptance_length", 0.0))
         s.majority_accuracy = float(metrics.get("majority_acc", 0.0))
         s.samples_per_second = trained * self.train_cfg.geometry.per_step / elapsed

@@ -82,6 +82,12 @@ class _StatusCollector:
         for k, value in enumerate(s.accuracies):
             acc.add_metric([s.run_id, str(k)], value)
         yield acc
+        figures = GaugeMetricFamily("draftflow_trainer_metric",
+                                    "Every figure the draft strategy reported, last step",
+                                    labels=["run_id", "name"])
+        for name, value in sorted(s.metrics.items()):
+            figures.add_metric([s.run_id, name], value)
+        yield figures
         for name, doc, value in (
             ("draftflow_trainer_data_wait_seconds", "Seconds spent waiting for data",
              s.data_wait_seconds),

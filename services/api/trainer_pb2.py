@@ -24,21 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64raftflow/v1/trainer.proto\x12\x0c\x64raftflow.v1\"\x19\n\x17TrainerGetStatusRequest\"\x8a\x02\n\x18TrainerGetStatusResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x12\n\naccuracies\x18\x05 \x03(\x01\x12\x1a\n\x12samples_per_second\x18\x06 \x01(\x01\x12\x1a\n\x12\x64\x61ta_wait_fraction\x18\x07 \x01(\x01\x12#\n\x1bsimulated_acceptance_length\x18\x08 \x01(\x01\x12\x12\n\nworld_size\x18\t \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x19\n\x11majority_accuracy\x18\x0b \x01(\x01\"\x17\n\x15SaveCheckpointRequest\"3\n\x16SaveCheckpointResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0b\n\x03uri\x18\x02 \x01(\t2\xc9\x01\n\x0eTrainerService\x12Z\n\tGetStatus\x12%.draftflow.v1.TrainerGetStatusRequest\x1a&.draftflow.v1.TrainerGetStatusResponse\x12[\n\x0eSaveCheckpoint\x12#.draftflow.v1.SaveCheckpointRequest\x1a$.draftflow.v1.SaveCheckpointResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64raftflow/v1/trainer.proto\x12\x0c\x64raftflow.v1\"\x19\n\x17TrainerGetStatusRequest\"\x80\x03\n\x18TrainerGetStatusResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x12\n\naccuracies\x18\x05 \x03(\x01\x12\x1a\n\x12samples_per_second\x18\x06 \x01(\x01\x12\x1a\n\x12\x64\x61ta_wait_fraction\x18\x07 \x01(\x01\x12#\n\x1bsimulated_acceptance_length\x18\x08 \x01(\x01\x12\x12\n\nworld_size\x18\t \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t\x12\x19\n\x11majority_accuracy\x18\x0b \x01(\x01\x12\x44\n\x07metrics\x18\x0c \x03(\x0b\x32\x33.draftflow.v1.TrainerGetStatusResponse.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x17\n\x15SaveCheckpointRequest\"3\n\x16SaveCheckpointResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0b\n\x03uri\x18\x02 \x01(\t2\xc9\x01\n\x0eTrainerService\x12Z\n\tGetStatus\x12%.draftflow.v1.TrainerGetStatusRequest\x1a&.draftflow.v1.TrainerGetStatusResponse\x12[\n\x0eSaveCheckpoint\x12#.draftflow.v1.SaveCheckpointRequest\x1a$.draftflow.v1.SaveCheckpointResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'draftflow.v1.trainer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_TRAINERGETSTATUSRESPONSE_METRICSENTRY']._loaded_options = None
+  _globals['_TRAINERGETSTATUSRESPONSE_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_TRAINERGETSTATUSREQUEST']._serialized_start=44
   _globals['_TRAINERGETSTATUSREQUEST']._serialized_end=69
   _globals['_TRAINERGETSTATUSRESPONSE']._serialized_start=72
-  _globals['_TRAINERGETSTATUSRESPONSE']._serialized_end=338
-  _globals['_SAVECHECKPOINTREQUEST']._serialized_start=340
-  _globals['_SAVECHECKPOINTREQUEST']._serialized_end=363
-  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=365
-  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=416
-  _globals['_TRAINERSERVICE']._serialized_start=419
-  _globals['_TRAINERSERVICE']._serialized_end=620
+  _globals['_TRAINERGETSTATUSRESPONSE']._serialized_end=456
+  _globals['_TRAINERGETSTATUSRESPONSE_METRICSENTRY']._serialized_start=410
+  _globals['_TRAINERGETSTATUSRESPONSE_METRICSENTRY']._serialized_end=456
+  _globals['_SAVECHECKPOINTREQUEST']._serialized_start=458
+  _globals['_SAVECHECKPOINTREQUEST']._serialized_end=481
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=483
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=534
+  _globals['_TRAINERSERVICE']._serialized_start=537
+  _globals['_TRAINERSERVICE']._serialized_end=738
 # @@protoc_insertion_point(module_scope)

@@ -1,7 +1,7 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -11,7 +11,14 @@ class TrainerGetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TrainerGetStatusResponse(_message.Message):
-    __slots__ = ("session_id", "run_id", "step", "loss", "accuracies", "samples_per_second", "data_wait_fraction", "simulated_acceptance_length", "world_size", "device", "majority_accuracy")
+    __slots__ = ("session_id", "run_id", "step", "loss", "accuracies", "samples_per_second", "data_wait_fraction", "simulated_acceptance_length", "world_size", "device", "majority_accuracy", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +30,7 @@ class TrainerGetStatusResponse(_message.Message):
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MAJORITY_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     run_id: str
     step: int
@@ -34,7 +42,8 @@ class TrainerGetStatusResponse(_message.Message):
     world_size: int
     device: str
     majority_accuracy: float
-    def __init__(self, session_id: _Optional[str] = ..., run_id: _Optional[str] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., accuracies: _Optional[_Iterable[float]] = ..., samples_per_second: _Optional[float] = ..., data_wait_fraction: _Optional[float] = ..., simulated_acceptance_length: _Optional[float] = ..., world_size: _Optional[int] = ..., device: _Optional[str] = ..., majority_accuracy: _Optional[float] = ...) -> None: ...
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, session_id: _Optional[str] = ..., run_id: _Optional[str] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., accuracies: _Optional[_Iterable[float]] = ..., samples_per_second: _Optional[float] = ..., data_wait_fraction: _Optional[float] = ..., simulated_acceptance_length: _Optional[float] = ..., world_size: _Optional[int] = ..., device: _Optional[str] = ..., majority_accuracy: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class SaveCheckpointRequest(_message.Message):
     __slots__ = ()

@@ -29,7 +29,7 @@ def _label_counts(trainer, samples) -> torch.Tensor:
 
 
 def test_unknown_algorithm_names_the_known_ones() -> None:
-    with pytest.raises(ValueError, match="unknown draft algorithm 'medusa'; use one of: eagle3"):
+    with pytest.raises(ValueError, match="unknown draft algorithm 'medusa'; use one of: dflash, domino, eagle3"):
         get_strategy("medusa")
 
 
