@@ -1,11 +1,13 @@
 """The ``sglang`` capture engine: stock SGLang plus the draftflow plugin, features never come back.
 
-The plugin (``producer.sglang_plugin``) writes each prompt's ``input_ids``, ``aux_hidden_state``
-and ``hidden_state`` from SGLang's scheduler straight into the feature store and answers with a
-ref. So this engine does not return tensors: ``capture_to_store(items)`` returns one
-``CapturedRef`` (already written, verified) or ``CaptureFailure`` per item, and the producer's work
-loop commits refs as they are (adding its own ``loss_mask``) where the hf engine's tensors would go
-through ``FeatureStore.put_sample``. ``writes_to_store`` tells the loop which path an engine takes.
+The plugin (``producer.sglang_plugin``) writes each prompt's features from SGLang's scheduler
+straight into the feature store and answers with a ref. What it writes follows the run's capture
+plan: ``input_ids``, ``aux_hidden_state`` and ``hidden_state`` for EAGLE3; ``input_ids`` and
+``hidden_states`` (the plan's K layers, no final state) for DFlash and Domino. So this engine
+does not return tensors: ``capture_to_store(items)`` returns one ``CapturedRef`` (already
+written, verified) or ``CaptureFailure`` per item, and the producer's work loop commits refs as
+they are (adding its own ``loss_mask``) where the hf engine's tensors would go through
+``FeatureStore.put_sample``. ``writes_to_store`` tells the loop which path an engine takes.
 
 Two modes: an SGLang ``Engine`` in this process, or external SGLang servers over HTTP (several
 requests in flight per server, bounded by a token budget; several servers per producer). Either
@@ -36,9 +38,16 @@ from producer.engines.hf import plan_batches
 from producer.sglang_plugin import STORE_URL_ENV, gate, wire
 from producer.sglang_plugin.checks import Expected, check_ref, expected_keys, server_problems
 from services.api import common_pb2
-from services.capture import CapturePlan, CapturePlanError, default_layer_ids, plan_for
+from services.capture import (
+    EAGLE3,
+    CapturePlan,
+    CapturePlanError,
+    default_layer_ids,
+    plan_for,
+)
 from services.logs import event
 from services.store.base import FeatureStore
+from services.tensors import make_key
 
 log = logging.getLogger(__name__)
 _DTYPES = {
@@ -90,8 +99,11 @@ class CapturedRef:
     store_id: str
     num_tokens: int
     aux_layer_ids: tuple[int, ...]
+    """The plan's layer ids."""
     tensors: tuple[common_pb2.TensorSpec, ...]
-    """``input_ids``, ``aux_hidden_state``, ``hidden_state``; checksums filled by the store."""
+    """The plan's tensors but ``loss_mask``, in plan order (EAGLE3: ``input_ids``,
+    ``aux_hidden_state``, ``hidden_state``; DFlash: ``input_ids``, ``hidden_states``); checksums
+    filled by the store."""
 
 
 @dataclass(frozen=True)
@@ -190,15 +202,26 @@ class LocalServer:
         self._engine.shutdown()
 
 
+def sglang_capture(plan: CapturePlan) -> str:
+    """SGLang's capture convention for a plan (``aux_hidden_state_capture``): eagle3 or dflash.
+
+    Both map layer id i to the output of decoder layer i (the model hooks capture the input of
+    layer i + 1) and concatenate in ascending layer order, which the plan's ids follow.
+    """
+    return wire.CAPTURE_CONVENTIONS[plan.layers_tensor]
+
+
 def capture_engine_kwargs(
     config: EngineConfig, aux: Sequence[int], extra: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """``sglang.Engine`` arguments for capture; ``extra`` may add but not weaken them."""
+    """``sglang.Engine`` arguments for capture; ``extra`` may add but not weaken them.
+
+    ``config.algorithm`` picks the convention: EAGLE3, or DFLASH for the DFlash family."""
     kwargs: dict[str, Any] = dict(extra)
     kwargs.update(
         model_path=config.model_path,
         skip_tokenizer_init=True,
-        speculative_algorithm="EAGLE3",
+        speculative_algorithm="EAGLE3" if config.algorithm == EAGLE3 else "DFLASH",
         enable_return_aux_hidden_states=True,
         return_aux_hidden_state_layer_ids=list(aux),
         chunked_prefill_size=-1,
@@ -210,10 +233,28 @@ def capture_engine_kwargs(
     return kwargs
 
 
-def request_payload(item: CaptureItem, store_id: str) -> dict[str, Any]:
+def capture_target(
+    item: CaptureItem, store_id: str, plan: CapturePlan | None = None
+) -> wire.CaptureTarget:
+    """Where the plugin writes ``item`` and in which layout (EAGLE3's when ``plan`` is None)."""
+    if plan is None:
+        return wire.CaptureTarget(store_id, item.run_id, item.sample_id, item.generation)
+    return wire.CaptureTarget(
+        store_id,
+        item.run_id,
+        item.sample_id,
+        item.generation,
+        plan.layers_tensor,
+        plan.final_hidden,
+    )
+
+
+def request_payload(
+    item: CaptureItem, store_id: str, plan: CapturePlan | None = None
+) -> dict[str, Any]:
     """The ``/generate`` body for one prompt: one greedy token, the target in custom_params."""
     rid = f"draftflow-{uuid.uuid4().hex}"
-    target = wire.CaptureTarget(store_id, item.run_id, item.sample_id, item.generation)
+    target = capture_target(item, store_id, plan)
     return {
         "input_ids": list(item.input_ids),
         "sampling_params": {
@@ -229,6 +270,17 @@ def request_payload(item: CaptureItem, store_id: str) -> dict[str, Any]:
         "cache_salt": rid,
         "stream": False,
     }
+
+
+def _ref_keys(ref: Mapping[str, Any], target: wire.CaptureTarget) -> list[str]:
+    """Keys a refused ref names under ``target``'s prefix: the plugin wrote them."""
+    prefix = make_key(target.store_id, target.run_id, target.sample_id, target.generation, "")
+    keys: list[str] = []
+    for entry in ref.get("tensors") or ():
+        key = entry.get("key") if isinstance(entry, Mapping) else None
+        if isinstance(key, str) and key.startswith(prefix):
+            keys.append(key)
+    return keys
 
 
 class _Lane:
@@ -302,7 +354,12 @@ class SGLangEngine(CaptureEngine):
         self._options = options
         self._token_budget = config.token_budget
         self._expected = Expected(
-            options.store.store_id, tuple(aux), self._hidden_size, _DTYPES[config.dtype]
+            options.store.store_id,
+            tuple(aux),
+            self._hidden_size,
+            _DTYPES[config.dtype],
+            self._plan.layers_tensor,
+            self._plan.final_hidden,
         )
         self._servers: list[Any] = []
         try:
@@ -333,6 +390,8 @@ class SGLangEngine(CaptureEngine):
                 engine=self.name,
                 servers=[s.name for s in self._servers],
                 aux_layer_ids=aux,
+                layers_tensor=self._plan.layers_tensor,
+                final_hidden=self._plan.final_hidden,
                 store=options.store.store_id,
             ),
         )
@@ -416,7 +475,7 @@ class SGLangEngine(CaptureEngine):
 
     def _send(self, items: Sequence[CaptureItem]) -> list[dict[str, Any] | Exception]:
         store_id = self._expected.store_id
-        payloads = [request_payload(item, store_id) for item in items]
+        payloads = [request_payload(item, store_id, self._plan) for item in items]
         if self._pool is None:
             return self._send_local(payloads)
         futures: list[Future[dict[str, Any]]] = []
@@ -457,9 +516,7 @@ class SGLangEngine(CaptureEngine):
         return results
 
     def _judge(self, item: CaptureItem, response: dict[str, Any] | Exception) -> CaptureOutcome:
-        target = wire.CaptureTarget(
-            self._expected.store_id, item.run_id, item.sample_id, item.generation
-        )
+        target = capture_target(item, self._expected.store_id, self._plan)
         if isinstance(response, Exception):
             return self._fail(target, f"SGLang request failed: {response}", retryable=True)
         try:
@@ -468,7 +525,9 @@ class SGLangEngine(CaptureEngine):
             return self._fail(target, str(exc), retryable=False)
         verdict = check_ref(ref, target, item.input_ids, self._expected)
         if not verdict.ok:
-            return self._fail(target, verdict.reason, retryable=verdict.retryable)
+            return self._fail(
+                target, verdict.reason, retryable=verdict.retryable, written=_ref_keys(ref, target)
+            )
         return CapturedRef(
             item.run_id,
             item.sample_id,
@@ -479,10 +538,20 @@ class SGLangEngine(CaptureEngine):
             verdict.specs,
         )
 
-    def _fail(self, target: wire.CaptureTarget, reason: str, *, retryable: bool) -> CaptureFailure:
-        # The plugin may have written before the answer went wrong: free whatever it could have.
+    def _fail(
+        self,
+        target: wire.CaptureTarget,
+        reason: str,
+        *,
+        retryable: bool,
+        written: Sequence[str] = (),
+    ) -> CaptureFailure:
+        # The plugin may have written before the answer went wrong: free whatever it could have,
+        # including keys a ref names outside the plan's layout (a server on another layout).
+        keys = expected_keys(target)
+        keys += [k for k in written if k not in keys]
         try:
-            self._options.store.remove(expected_keys(target))
+            self._options.store.remove(keys)
         except Exception:
             log.exception(
                 "removing keys of a refused capture failed",
@@ -511,7 +580,7 @@ class SGLangEngine(CaptureEngine):
             gate.check_version(version)
         except gate.IncompatibleSGLang as exc:
             raise EngineError(f"SGLang {server.name}: {exc}") from None
-        problems = server_problems(info, self._aux)
+        problems = server_problems(info, self._aux, sglang_capture(self._plan))
         if problems:
             raise EngineError(
                 f"SGLang {server.name} is not launched for capture:\n  - " + "\n  - ".join(problems)
@@ -521,7 +590,7 @@ class SGLangEngine(CaptureEngine):
         """Capture two tokens on every server and free them: proves plugin, flags and store."""
         for server in self._servers:
             item = CaptureItem(PROBE_RUN_ID, uuid.uuid4().hex, 0, (0, 1))
-            payload = request_payload(item, self._expected.store_id)
+            payload = request_payload(item, self._expected.store_id, self._plan)
             response: dict[str, Any] | Exception
             if isinstance(server, HttpServer):
                 try:

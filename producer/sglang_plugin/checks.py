@@ -25,13 +25,29 @@ class Expected:
 
     store_id: str
     aux_layer_ids: tuple[int, ...]
+    """The plan's layer ids, in order (the server's --return-aux-hidden-state-layer-ids)."""
     hidden_size: int
     dtype: int
-    """``common_pb2.DType`` of both hidden-state tensors."""
+    """``common_pb2.DType`` of the hidden-state tensors."""
+    layers_tensor: str = wire.AUX_HIDDEN_STATE
+    """The plan's name for the [L, K·H] concat of the layers."""
+    final_hidden: bool = True
+    """Whether the plan captures the post-norm final hidden state."""
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        """The tensors every ref must hold, in the order refs are handed on."""
+        return wire.plugin_tensors(self.layers_tensor, self.final_hidden)
 
 
-def server_problems(info: Mapping[str, Any], aux_layer_ids: Sequence[int]) -> list[str]:
-    """One line per server flag that capture needs and the server does not have."""
+def server_problems(
+    info: Mapping[str, Any], aux_layer_ids: Sequence[int], capture: str = "eagle3"
+) -> list[str]:
+    """One line per server flag that capture needs and the server does not have.
+
+    ``capture`` is the SGLang capture convention the run's plan needs (``wire.CAPTURE_CONVENTIONS``
+    of its layers tensor): ``eagle3`` or ``dflash``.
+    """
     problems: list[str] = []
 
     def want(ok: bool, message: str) -> None:
@@ -43,9 +59,10 @@ def server_problems(info: Mapping[str, Any], aux_layer_ids: Sequence[int]) -> li
         "--enable-return-aux-hidden-states is off (capture-only aux mode)",
     )
     want(
-        str(info.get("aux_hidden_state_capture") or "").lower() == "eagle3",
-        f"--speculative-algorithm must be EAGLE3 with --enable-return-aux-hidden-states, the "
-        f"server resolved the capture convention to {info.get('aux_hidden_state_capture')!r}",
+        str(info.get("aux_hidden_state_capture") or "").lower() == capture,
+        f"--speculative-algorithm must be {capture.upper()} with "
+        "--enable-return-aux-hidden-states, the server resolved the capture convention to "
+        f"{info.get('aux_hidden_state_capture')!r}",
     )
     layers = info.get("return_aux_hidden_state_layer_ids")
     want(
@@ -71,7 +88,12 @@ def server_problems(info: Mapping[str, Any], aux_layer_ids: Sequence[int]) -> li
     want(
         info.get("disable_overlap_schedule") is True,
         "--disable-overlap-schedule is off: with the overlap scheduler the next batch can "
-        "overwrite the post-norm hidden rows before they are written",
+        + (
+            "overwrite the post-norm hidden rows before they are written"
+            if capture == "eagle3"
+            else "run while this batch's rows are read; the capture hooks follow the "
+            "non-overlapped result path only"
+        ),
     )
     want(info.get("pp_size", 1) == 1, f"--pp-size is {info.get('pp_size')!r}: capture needs 1")
     want(
@@ -99,7 +121,7 @@ def expected_keys(target: wire.CaptureTarget) -> list[str]:
     """The keys the plugin writes for ``target``: what to remove when a ref is refused."""
     return [
         make_key(target.store_id, target.run_id, target.sample_id, target.generation, name)
-        for name in wire.PLUGIN_TENSORS
+        for name in target.tensors
     ]
 
 
@@ -137,17 +159,17 @@ def check_ref(
     except (wire.WireError, InvalidArgument) as exc:
         return RefVerdict(reason=f"malformed ref: {exc}")
     by_name = {s.name: s for s in specs}
-    if sorted(by_name) != sorted(wire.PLUGIN_TENSORS):
-        return RefVerdict(
-            reason=f"ref holds tensors {sorted(by_name)}, expected {sorted(wire.PLUGIN_TENSORS)}"
-        )
+    names = expected.tensors
+    if sorted(by_name) != sorted(names):
+        return RefVerdict(reason=f"ref holds tensors {sorted(by_name)}, expected {sorted(names)}")
     h = expected.hidden_size
     width = len(expected.aux_layer_ids) * h
     wanted = {
         wire.INPUT_IDS: (common_pb2.DTYPE_INT64, [n]),
-        wire.AUX_HIDDEN_STATE: (expected.dtype, [n, width]),
-        wire.HIDDEN_STATE: (expected.dtype, [n, h]),
+        expected.layers_tensor: (expected.dtype, [n, width]),
     }
+    if expected.final_hidden:
+        wanted[wire.HIDDEN_STATE] = (expected.dtype, [n, h])
     for name, (dtype, shape) in wanted.items():
         spec = by_name[name]
         if spec.key != make_key(*sent, name):
@@ -160,4 +182,4 @@ def check_ref(
     ids_sum = tensor_checksum(torch.tensor(list(input_ids), dtype=torch.int64))
     if by_name[wire.INPUT_IDS].checksum != ids_sum:
         return RefVerdict(reason="the captured input_ids differ from the prompt the producer sent")
-    return RefVerdict(specs=tuple(by_name[name] for name in wire.PLUGIN_TENSORS))
+    return RefVerdict(specs=tuple(by_name[name] for name in names))

@@ -4,8 +4,11 @@ Per scheduler batch (``SchedulerBatchResultProcessor.process_batch_result_prefil
 
 1. ``_append_prefill_hidden_states`` runs once per request. For a capture request (one whose
    ``custom_params`` name a ``CaptureTarget``) the wrapper keeps views of the request's prompt
-   rows of the aux concat (``logits_output.hidden_states``) and of the post-norm final hidden
-   state (``logits_output.last_hidden_states``) instead of turning them into float lists.
+   rows of the captured layers' concat (``logits_output.hidden_states``) and, when the target's
+   plan asks for it (EAGLE3), of the post-norm final hidden state
+   (``logits_output.last_hidden_states``) instead of turning them into float lists. A DFlash
+   target keeps the layer rows only: SGLang still holds the final state on the GPU, but it is
+   never copied or written.
 2. ``SchedulerOutputStreamer.stream_output`` sends the batch's responses. Before it runs, the
    wrapper copies every kept row into the reused host buffer, writes the batch with one
    ``BatchWriter.write`` and sets each request's ref (or error) in ``req.customized_info``, so a
@@ -50,7 +53,9 @@ class _Kept:
     req: Any
     target: wire.CaptureTarget
     aux_rows: torch.Tensor
-    hidden_rows: torch.Tensor
+    """The captured layers' concat, written as ``target.layers_tensor``."""
+    hidden_rows: torch.Tensor | None
+    """The post-norm final state; None when the target's plan does not capture it."""
     aux_layer_ids: tuple[int, ...]
 
 
@@ -177,18 +182,25 @@ class CaptureHooks:
         )
         if target is None or not store or not self._sends_responses(processor):
             return end
-        error = self._check_rows(req, logits_output, capture_hidden_mode, extend_input_len)
+        server_args = processor.output_streamer.server_args
+        layer_ids = tuple(server_args.return_aux_hidden_state_layer_ids or ())
+        error = self._check_convention(target, server_args) or self._check_rows(
+            req, logits_output, capture_hidden_mode, extend_input_len, target, layer_ids
+        )
         if error is not None:
             set_ref(req, wire.error_ref(error, retryable=False))
             return end
-        layer_ids = processor.output_streamer.server_args.return_aux_hidden_state_layer_ids
         self._kept.append(
             _Kept(
                 req=req,
                 target=target,
                 aux_rows=logits_output.hidden_states[hidden_state_offset:end],
-                hidden_rows=logits_output.last_hidden_states[hidden_state_offset:end],
-                aux_layer_ids=tuple(layer_ids or ()),
+                hidden_rows=(
+                    logits_output.last_hidden_states[hidden_state_offset:end]
+                    if target.final_hidden
+                    else None
+                ),
+                aux_layer_ids=layer_ids,
             )
         )
         return end
@@ -213,15 +225,33 @@ class CaptureHooks:
         return processor.output_streamer.send_to_detokenizer.socket is not None
 
     @staticmethod
+    def _check_convention(target: wire.CaptureTarget, server_args: Any) -> str | None:
+        """The server must capture the target's layers with the convention its layout names."""
+        wanted = wire.CAPTURE_CONVENTIONS[target.layers_tensor]
+        found = getattr(server_args, "aux_hidden_state_capture", None)
+        if str(found or "").lower() == wanted:
+            return None
+        return (
+            f"the request captures {target.layers_tensor} ({wanted.upper()} convention) but the "
+            f"server captures with {found!r}: launch SGLang with --speculative-algorithm "
+            f"{wanted.upper()} --enable-return-aux-hidden-states"
+        )
+
+    @staticmethod
     def _check_rows(
-        req: Any, logits_output: Any, capture_hidden_mode: Any, extend_input_len: int
+        req: Any,
+        logits_output: Any,
+        capture_hidden_mode: Any,
+        extend_input_len: int,
+        target: wire.CaptureTarget,
+        layer_ids: Sequence[int],
     ) -> str | None:
         if not capture_hidden_mode.is_full():
             return (
                 f"the server captured hidden states in mode {capture_hidden_mode!r}, not full: "
                 "launch SGLang with --enable-return-aux-hidden-states"
             )
-        if logits_output.last_hidden_states is None:
+        if target.final_hidden and logits_output.last_hidden_states is None:
             return (
                 "the server kept no post-norm hidden states: launch SGLang with "
                 "--enable-return-aux-hidden-states (capture-only aux mode)"
@@ -234,6 +264,16 @@ class CaptureHooks:
                 "--chunked-prefill-size -1 and --disable-radix-cache, or salt each request"
             )
         aux_width = logits_output.hidden_states.shape[-1]
+        if not target.final_hidden:
+            # No final state to read H from: the concat splits evenly into one block per layer
+            # (the producer checks the exact width K·H against the target's config).
+            if not layer_ids or aux_width % len(layer_ids):
+                return (
+                    f"captured layer width {aux_width} does not split into the server's "
+                    f"{len(layer_ids)} layers {list(layer_ids)}: launch SGLang with "
+                    "--return-aux-hidden-state-layer-ids naming the run's layers"
+                )
+            return None
         hidden_width = logits_output.last_hidden_states.shape[-1]
         if aux_width % hidden_width:
             return (
@@ -322,8 +362,9 @@ class CaptureHooks:
         for item in kept:
             n = item.aux_rows.shape[0]
             total += align(n * 8)
-            total += align(item.aux_rows.numel() * item.aux_rows.element_size())
-            total += align(item.hidden_rows.numel() * item.hidden_rows.element_size())
+            for rows in (item.aux_rows, item.hidden_rows):
+                if rows is not None:
+                    total += align(rows.numel() * rows.element_size())
         staging.ensure(total)
         samples: list[SampleWrite] = []
         on_device = False
@@ -331,21 +372,22 @@ class CaptureHooks:
             n = item.aux_rows.shape[0]
             ids = staging.take((n,), torch.int64)
             ids.copy_(_ids_tensor(item.req.origin_input_ids))
-            aux = staging.take(tuple(item.aux_rows.shape), item.aux_rows.dtype)
-            aux.copy_(item.aux_rows, non_blocking=True)
-            hidden = staging.take(tuple(item.hidden_rows.shape), item.hidden_rows.dtype)
-            hidden.copy_(item.hidden_rows, non_blocking=True)
-            on_device = on_device or item.aux_rows.is_cuda or item.hidden_rows.is_cuda
+            # Buffer and response order: input_ids, the layers' concat, then the final state.
+            tensors = {wire.INPUT_IDS: ids}
+            named = [(item.target.layers_tensor, item.aux_rows)]
+            if item.hidden_rows is not None:
+                named.append((wire.HIDDEN_STATE, item.hidden_rows))
+            for name, rows in named:
+                host = staging.take(tuple(rows.shape), rows.dtype)
+                host.copy_(rows, non_blocking=True)
+                tensors[name] = host
+                on_device = on_device or rows.is_cuda
             samples.append(
                 SampleWrite(
                     run_id=item.target.run_id,
                     sample_id=item.target.sample_id,
                     generation=item.target.generation,
-                    tensors={
-                        wire.INPUT_IDS: ids,
-                        wire.AUX_HIDDEN_STATE: aux,
-                        wire.HIDDEN_STATE: hidden,
-                    },
+                    tensors=tensors,
                 )
             )
         if on_device:

@@ -2,7 +2,11 @@
 
 Request: the capture target rides in ``sampling_params.custom_params[REQUEST_KEY]``, a field SGLang
 carries untouched from the HTTP/Engine request to the scheduler's ``Req.sampling_params`` (its
-values must be JSON scalars, which is why the target is a flat dict).
+values must be JSON scalars, which is why the target is a flat dict). The target also names the
+run's capture layout (``services.capture.CapturePlan``): the name of the concatenated-layers
+tensor and whether the post-norm final hidden state is written. Both keys are left out for
+EAGLE3's layout (``aux_hidden_state`` plus ``hidden_state``), the only one protocol 1 started
+with, so an EAGLE3 request is the same bytes as before.
 
 Response: the plugin sets ``req.customized_info[RESPONSE_KEY] = [ref]``; SGLang ships
 ``customized_info`` pickled to the tokenizer manager, which puts it in
@@ -17,15 +21,26 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.api import common_pb2
+from services.capture import DFLASH_LAYERS_TENSOR, EAGLE3_LAYERS_TENSOR, FINAL_HIDDEN_TENSOR
 
 PROTOCOL_VERSION = 1
 REQUEST_KEY = "draftflow_capture"
 RESPONSE_KEY = "draftflow_ref"
-AUX_HIDDEN_STATE = "aux_hidden_state"
-HIDDEN_STATE = "hidden_state"
+AUX_HIDDEN_STATE = EAGLE3_LAYERS_TENSOR
+HIDDEN_STATES = DFLASH_LAYERS_TENSOR
+HIDDEN_STATE = FINAL_HIDDEN_TENSOR
 INPUT_IDS = "input_ids"
-# The tensors the plugin writes, in buffer and response order.
+# The tensors the plugin writes for EAGLE3, in buffer and response order.
 PLUGIN_TENSORS = (INPUT_IDS, AUX_HIDDEN_STATE, HIDDEN_STATE)
+# SGLang's capture convention (``--speculative-algorithm`` with --enable-return-aux-hidden-states,
+# resolved into ``server_args.aux_hidden_state_capture``) behind each layers tensor. Both map a
+# layer id i to the output of decoder layer i and concatenate in ascending layer order.
+CAPTURE_CONVENTIONS = {AUX_HIDDEN_STATE: "eagle3", HIDDEN_STATES: "dflash"}
+
+
+def plugin_tensors(layers_tensor: str, final_hidden: bool) -> tuple[str, ...]:
+    """The tensors the plugin writes for a layout, in buffer and response order."""
+    return (INPUT_IDS, layers_tensor, *((HIDDEN_STATE,) if final_hidden else ()))
 
 
 class WireError(ValueError):
@@ -40,16 +55,29 @@ class CaptureTarget:
     run_id: str
     sample_id: str
     generation: int
+    layers_tensor: str = AUX_HIDDEN_STATE
+    """Name of the [L, K·H] concat of the captured layers (the plan's ``layers_tensor``)."""
+    final_hidden: bool = True
+    """Whether the post-norm final hidden state is written too (the plan's ``final_hidden``)."""
 
-    def to_params(self) -> dict[str, str | int]:
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        """What the plugin writes for this target, in buffer and response order."""
+        return plugin_tensors(self.layers_tensor, self.final_hidden)
+
+    def to_params(self) -> dict[str, str | int | bool]:
         """The flat dict sent as ``custom_params[REQUEST_KEY]``."""
-        return {
+        params: dict[str, str | int | bool] = {
             "version": PROTOCOL_VERSION,
             "store_id": self.store_id,
             "run_id": self.run_id,
             "sample_id": self.sample_id,
             "generation": self.generation,
         }
+        if (self.layers_tensor, self.final_hidden) != (AUX_HIDDEN_STATE, True):
+            params["layers_tensor"] = self.layers_tensor
+            params["final_hidden"] = self.final_hidden
+        return params
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> CaptureTarget:
@@ -67,7 +95,24 @@ class CaptureTarget:
         generation = params.get("generation")
         if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:
             raise WireError(f"{REQUEST_KEY}.generation: must be an integer >= 0")
-        return cls(params["store_id"], params["run_id"], params["sample_id"], generation)
+        layers_tensor = params.get("layers_tensor", AUX_HIDDEN_STATE)
+        if layers_tensor not in CAPTURE_CONVENTIONS:
+            raise WireError(
+                f"{REQUEST_KEY}.layers_tensor is {layers_tensor!r}, this plugin writes one of "
+                f"{sorted(CAPTURE_CONVENTIONS)}: install the same draftflow version in the "
+                "producer and the SGLang server"
+            )
+        final_hidden = params.get("final_hidden", True)
+        if not isinstance(final_hidden, bool):
+            raise WireError(f"{REQUEST_KEY}.final_hidden: must be true or false")
+        return cls(
+            params["store_id"],
+            params["run_id"],
+            params["sample_id"],
+            generation,
+            layers_tensor,
+            final_hidden,
+        )
 
 
 def spec_to_wire(spec: common_pb2.TensorSpec) -> dict[str, Any]:

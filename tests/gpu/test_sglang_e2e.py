@@ -73,7 +73,7 @@ def test_the_plugin_copies_device_rows_through_page_locked_memory(hooked) -> Non
         ref = wire.ref_from_meta_info(response["meta_info"])
         assert ref["ok"] is True, ref
         got = store.get_sample([wire.spec_from_wire(t) for t in ref["tensors"]])
-        aux, hidden = fakes.synthetic_features(ids, HIDDEN, 3)
+        aux, hidden = fakes.synthetic_features(ids, HIDDEN, AUX_LAYERS)
         assert got["aux_hidden_state"].equal(aux) and got["hidden_state"].equal(hidden)
 
 

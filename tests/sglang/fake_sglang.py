@@ -39,10 +39,17 @@ STOCK_ARGS: dict[str, Any] = {
 
 
 def resolve(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """SGLang's resolution of the capture flags: the algorithm only names the convention."""
+    """SGLang's resolution of the capture flags (``handle_aux_hidden_state_capture``): the
+    algorithm only names the convention; DFLASH needs explicit layer ids."""
     args = {**STOCK_ARGS, **kwargs}
     if args["enable_return_aux_hidden_states"]:
-        args["aux_hidden_state_capture"] = str(args["speculative_algorithm"]).lower()
+        method = str(args["speculative_algorithm"] or "").upper()
+        if method not in ("EAGLE3", "DFLASH", "DSPARK"):
+            raise ValueError(f"--enable-return-aux-hidden-states cannot capture with {method!r}")
+        if method != "EAGLE3" and not args["return_aux_hidden_state_layer_ids"]:
+            raise ValueError(f"--enable-return-aux-hidden-states with {method} requires "
+                             "--return-aux-hidden-state-layer-ids.")
+        args["aux_hidden_state_capture"] = method.lower()
         args["speculative_algorithm"] = None
         args["return_hidden_states_mode"] = args["return_hidden_states_mode"] or "full"
     return args

@@ -8,7 +8,10 @@ ships ``customized_info`` pickled, as SGLang does over its IPC; ``tokenizer_side
 ``meta_info`` a ``/generate`` caller sees.
 
 ``FakeScheduler`` puts them together behind ``run(requests)``: ``GenerateReqInput``-shaped dicts
-in, ``/generate``-shaped responses out, with hidden states from ``synthetic_features``.
+in, ``/generate``-shaped responses out. Its hidden states come from a fake target
+(``layer_outputs``) captured the way SGLang's Llama/Qwen3 hooks capture in capture-only aux mode
+(``layers_to_capture``, ``captured_layers``); ``synthetic_features`` is the independent answer a
+test expects: the outputs of the named layers in HF's convention, and the final state.
 """
 
 from __future__ import annotations
@@ -274,25 +277,91 @@ def tokenizer_side(payload: dict[str, Any]) -> list[dict[str, Any]]:
     return responses
 
 
-def synthetic_features(
-    input_ids: list[int], hidden_size: int, n_aux: int, dtype: torch.dtype = torch.bfloat16
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic stand-ins for a model's aux concat [L, n*H] and post-norm hidden [L, H]."""
+NUM_LAYERS = 8
+"""Decoder layers of the fake target (the tests' model directories have 8 as well)."""
+
+
+def _grid(input_ids: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ids = torch.tensor(input_ids, dtype=torch.float32)[:, None]
     pos = torch.arange(len(input_ids), dtype=torch.float32)[:, None]
-    cols = torch.arange(n_aux * hidden_size, dtype=torch.float32)[None, :]
-    aux = torch.sin(ids * 0.37 + pos * 0.11 + cols * 0.013)
-    hidden = torch.cos(ids * 0.29 + pos * 0.07 + cols[:, :hidden_size] * 0.017)
-    return aux.to(dtype), hidden.to(dtype)
+    cols = torch.arange(width, dtype=torch.float32)[None, :]
+    return ids, pos, cols
 
 
-def capture_server_args(aux_layer_ids: list[int]) -> dict[str, Any]:
-    """``/server_info`` fields of a server launched for capture (as SGLang resolves them)."""
+def layer_outputs(
+    input_ids: list[int],
+    hidden_size: int,
+    num_layers: int = NUM_LAYERS,
+    dtype: torch.dtype = torch.bfloat16,
+) -> list[torch.Tensor]:
+    """The fake target's residual stream in HF's ``hidden_states`` layout: ``[0]`` the
+    embeddings, ``[i + 1]`` the output of decoder layer ``i`` (each [L, H], all different)."""
+    ids, pos, cols = _grid(input_ids, hidden_size)
+    return [
+        torch.sin(ids * 0.37 + pos * 0.11 + cols * 0.013 + j * 0.71).to(dtype)
+        for j in range(num_layers + 1)
+    ]
+
+
+def final_hidden_state(
+    input_ids: list[int], hidden_size: int, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """The fake target's final hidden state after its last norm [L, H]."""
+    ids, pos, cols = _grid(input_ids, hidden_size)
+    return torch.cos(ids * 0.29 + pos * 0.07 + cols * 0.017).to(dtype)
+
+
+def layers_to_capture(
+    layer_ids: list[int] | None, num_layers: int, capture: str = "eagle3"
+) -> list[int]:
+    """``set_eagle3_layers_to_capture`` / ``set_dflash_layers_to_capture`` of SGLang's Llama and
+    Qwen3 (``test_source`` holds them against the source): SGLang captures the *input* of a
+    layer, so the output of layer ``i`` is captured before layer ``i + 1``."""
+    if layer_ids is None:
+        if capture != "eagle3":
+            raise ValueError("DFLASH requires explicit layer_ids for aux hidden capture.")
+        return [2, num_layers // 2, num_layers - 3]
+    return [i + 1 for i in layer_ids]
+
+
+def captured_layers(
+    layer_inputs: list[torch.Tensor], capture_points: list[int], num_layers: int
+) -> torch.Tensor:
+    """The model's forward in capture mode, then the logits processor's packing: layer ``i``'s
+    input is captured when ``i`` is a capture point, in layer order whatever the order of the
+    points; the captures are concatenated along the last dim. ``layer_inputs[i]`` is the input
+    of layer ``i`` (the HF ``hidden_states[i]``)."""
+    captured = [layer_inputs[i] for i in range(num_layers) if i in capture_points]
+    if len(captured) != len(capture_points):
+        # LogitsProcessor._check_aux_hidden_states: the last layer's output is never captured.
+        raise ValueError(
+            f"The model captured {len(captured)} aux hidden states, but "
+            f"--return-aux-hidden-state-layer-ids names {len(capture_points)} layers."
+        )
+    return captured[0] if len(captured) == 1 else torch.cat(captured, dim=-1)
+
+
+def synthetic_features(
+    input_ids: list[int],
+    hidden_size: int,
+    layer_ids: list[int] | tuple[int, ...],
+    dtype: torch.dtype = torch.bfloat16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a capture of ``layer_ids`` must hold: the outputs of those layers (HF's
+    ``hidden_states[i + 1]``) concatenated in the given order [L, K*H], and the final state."""
+    outputs = layer_outputs(input_ids, hidden_size, dtype=dtype)
+    layers = torch.cat([outputs[i + 1] for i in layer_ids], dim=-1)
+    return layers, final_hidden_state(input_ids, hidden_size, dtype)
+
+
+def capture_server_args(aux_layer_ids: list[int], capture: str = "eagle3") -> dict[str, Any]:
+    """``/server_info`` fields of a server launched for capture (as SGLang resolves them);
+    ``capture`` is the convention ``--speculative-algorithm`` named (eagle3 or dflash)."""
     return {
         "version": "0.5.23",
         "model_path": "/models/target",
         "enable_return_aux_hidden_states": True,
-        "aux_hidden_state_capture": "eagle3",
+        "aux_hidden_state_capture": capture,
         "speculative_algorithm": None,
         "return_aux_hidden_state_layer_ids": list(aux_layer_ids),
         "chunked_prefill_size": -1,
@@ -320,10 +389,17 @@ class FakeScheduler:
         server_args: dict[str, Any] | None = None,
         cached_prefix: int = 0,
         device: str = "cpu",
+        capture: str = "eagle3",
+        num_layers: int = NUM_LAYERS,
     ) -> None:
         self.hidden_size = hidden_size
         self.aux_layer_ids = list(aux_layer_ids)
-        self.args = server_args or capture_server_args(aux_layer_ids)
+        self.args = server_args or capture_server_args(aux_layer_ids, capture)
+        self.num_layers = num_layers
+        # What the model runner configures at start (configure_aux_hidden_state_capture).
+        self.capture_points = layers_to_capture(
+            self.aux_layer_ids, num_layers, self.args.get("aux_hidden_state_capture") or "eagle3"
+        )
         self.socket: list[dict[str, Any]] | None = [] if sends else None
         self.streamer = SchedulerOutputStreamer(
             send_to_detokenizer=SenderWrapper(self.socket), server_args=SimpleNamespace(**self.args)
@@ -356,7 +432,14 @@ class FakeScheduler:
                     cache_salt=body.get("cache_salt"),
                 )
             )
-            aux, hidden = synthetic_features(ids, self.hidden_size, len(self.aux_layer_ids))
+            aux = captured_layers(
+                layer_outputs(ids, self.hidden_size, self.num_layers),
+                self.capture_points,
+                self.num_layers,
+            )
+            # SGLang keeps the post-norm state in every capture-only mode (LogitsProcessor
+            # keep_last_hidden_states), DFLASH included.
+            hidden = final_hidden_state(ids, self.hidden_size)
             skip = min(self.cached_prefix, len(ids) - 1)
             aux_rows.append(aux[skip:])
             hidden_rows.append(hidden[skip:])

@@ -83,7 +83,7 @@ def test_http_capture_spreads_over_servers_and_returns_verified_refs(
         assert (outcome.sample_id, outcome.num_tokens) == (sample, len(ids))
         assert outcome.aux_layer_ids == tuple(AUX_LAYERS)
         got = store.get_sample(list(outcome.tensors))
-        aux, hidden = fakes.synthetic_features(ids, HIDDEN, 3)
+        aux, hidden = fakes.synthetic_features(ids, HIDDEN, AUX_LAYERS)
         assert got["input_ids"].tolist() == ids
         assert got["aux_hidden_state"].equal(aux) and got["hidden_state"].equal(hidden)
 

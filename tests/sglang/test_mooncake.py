@@ -70,7 +70,7 @@ def test_features_go_through_mooncake_from_its_registered_buffer(
     for outcome, (sample, ids) in zip(outcomes, prompts.items(), strict=True):
         assert isinstance(outcome, CapturedRef), outcome
         got = producer_store.get_sample(list(outcome.tensors))
-        aux, hidden = fakes.synthetic_features(ids, HIDDEN, 3)
+        aux, hidden = fakes.synthetic_features(ids, HIDDEN, AUX_LAYERS)
         assert got["input_ids"].tolist() == ids, sample
         assert got["aux_hidden_state"].equal(aux) and got["hidden_state"].equal(hidden)
 

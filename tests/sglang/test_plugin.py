@@ -60,7 +60,7 @@ def test_capture_requests_write_features_and_answer_with_refs(store, hooked) -> 
     plain = responses[1]["meta_info"]
     # As in SGLang, a request without the key gets padding when a batch-mate has one.
     assert plain.get(wire.RESPONSE_KEY, [None]) == [None]
-    expected_aux, _ = fakes.synthetic_features([1, 2, 3], HIDDEN, 3)
+    expected_aux, _ = fakes.synthetic_features([1, 2, 3], HIDDEN, AUX_LAYERS)
     assert torch.tensor(plain["hidden_states"][0]).to(torch.bfloat16).equal(expected_aux)
 
     for body, response in zip(
@@ -87,7 +87,7 @@ def test_capture_requests_write_features_and_answer_with_refs(store, hooked) -> 
             [len(ids), HIDDEN],
         ]
         got = store.get_sample(specs)
-        aux, hidden = fakes.synthetic_features(ids, HIDDEN, 3)
+        aux, hidden = fakes.synthetic_features(ids, HIDDEN, AUX_LAYERS)
         assert got["input_ids"].tolist() == ids
         assert got["aux_hidden_state"].equal(aux)
         assert got["hidden_state"].equal(hidden)
