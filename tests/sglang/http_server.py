@@ -76,6 +76,12 @@ class FakeSGLangServer:
                 meta[wire.RESPONSE_KEY][0]["num_tokens"] -= 1
             elif self.mode == "wrong_layers":
                 meta[wire.RESPONSE_KEY][0]["aux_layer_ids"] = [0, 1, 2]
+            elif self.mode == "extra_final":
+                # A plugin on another layout: the ref also names a final state it wrote.
+                tensors = meta[wire.RESPONSE_KEY][0]["tensors"]
+                first = tensors[-1]
+                key = first["key"].rsplit("/", 1)[0] + "/" + wire.HIDDEN_STATE
+                tensors.append({**first, "name": wire.HIDDEN_STATE, "key": key})
             return 200, response
         finally:
             with self._count:

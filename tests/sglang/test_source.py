@@ -7,14 +7,18 @@ skipped, with its reason, where no SGLang source is present (see ``tests/sglang/
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import inspect
 import os
+from typing import Any
 
 import pytest
+import torch
 
 from producer.engines import sglang as engine_mod
 from producer.sglang_plugin import gate
+from services.capture import build_target_layer_ids, default_layer_ids, plan_for
 from tests.sglang import fake_sglang, fakes
 from tests.sglang.source import (
     ast_signature_shape,
@@ -161,10 +165,203 @@ def test_fake_engine_generate_matches_sglang_source() -> None:
 
 
 def self_attributes_of(cls: type) -> set[str]:
-    import ast
     import textwrap
 
     source = textwrap.dedent(inspect.getsource(cls.__init__))
     fn = ast.parse(source).body[0]
     assert isinstance(fn, ast.FunctionDef)
     return self_attributes(fn)
+
+
+# -- the DFlash capture path: how SGLang 0.5.23 turns the run's layer ids into captured rows ----
+#
+# --speculative-algorithm DFLASH --enable-return-aux-hidden-states resolves to
+# aux_hidden_state_capture="dflash"; the model runner hands --return-aux-hidden-state-layer-ids
+# unchanged to the model's set_dflash_layers_to_capture, which captures before layer id + 1 (the
+# output of layer id, HF's hidden_states[id + 1]); the model's forward captures in layer order and
+# the logits processor concatenates the captures in that order. So DraftFlow's plan ids (id i =
+# output of layer i, ascending) name exactly the blocks of the captured [L, K*H] rows, in order.
+
+# (module, model class, decoder-stack class) of the targets DraftFlow ships examples for.
+CAPTURE_MODELS = [
+    ("sglang.srt.models.llama", "LlamaForCausalLM", "LlamaModel"),
+    ("sglang.srt.models.qwen3", "Qwen3ForCausalLM", "Qwen3Model"),
+]
+MODEL_IDS = ["llama", "qwen3"]
+
+
+def _statements(fn: ast.AST) -> list[str]:
+    return [ast.unparse(node) for node in ast.walk(fn) if isinstance(node, ast.stmt)]
+
+
+def _function(tree: ast.Module, name: str) -> ast.FunctionDef:
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            return node
+    raise LookupError(f"function {name} not found")
+
+
+def _layers_assignment(method: ast.FunctionDef) -> ast.expr:
+    """The value of the (last) ``self.model.layers_to_capture = ...`` in ``method``."""
+    values = [
+        node.value
+        for node in ast.walk(method)
+        if isinstance(node, ast.Assign)
+        and [ast.unparse(t) for t in node.targets] == ["self.model.layers_to_capture"]
+    ]
+    assert values, f"{method.name} assigns no self.model.layers_to_capture"
+    return values[-1]
+
+
+@needs_source
+def test_dflash_is_a_capture_convention_that_resolves_to_dflash() -> None:
+    assert ROOT is not None
+    tree = module_tree(ROOT, "sglang.srt.arg_groups.validation_hook")
+    methods = next(
+        ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and [ast.unparse(t) for t in node.targets] == ["_AUX_HIDDEN_STATE_CAPTURE_METHODS"]
+    )
+    kwargs = engine_mod.capture_engine_kwargs(
+        engine_mod.EngineConfig(model_path="/m", algorithm="dflash"), [1, 2, 3], {}
+    )
+    assert kwargs["speculative_algorithm"] == "DFLASH" and "DFLASH" in methods
+    # The resolved convention is the lower-cased algorithm: what server_problems and the
+    # plugin compare with.
+    handle = _function(tree, "handle_aux_hidden_state_capture")
+    assert any("aux_hidden_state_capture=method.lower()" in s for s in _statements(handle))
+    for algorithm in ("dflash", "domino"):
+        plan = plan_for(algorithm, [0, 2, 5], 8)
+        assert engine_mod.sglang_capture(plan) == "dflash"
+    assert engine_mod.sglang_capture(plan_for("eagle3", [1, 3, 4], 8)) == "eagle3"
+    # Without layer ids DFLASH refuses to start: the engine always passes the plan's.
+    assert any("method != 'EAGLE3' and (not layer_ids)" in s for s in _statements(handle))
+    assert kwargs["return_aux_hidden_state_layer_ids"] == [1, 2, 3]
+
+
+@needs_source
+def test_capture_only_dflash_hands_the_layer_ids_to_the_model_unchanged() -> None:
+    assert ROOT is not None
+    tree = module_tree(
+        ROOT, "sglang.srt.model_executor.model_runner_components.spec_aux_hidden_state"
+    )
+    body = _statements(_function(tree, "_resolve_capture_only_aux_hidden_state"))
+    assert "layer_ids = features.return_aux_hidden_state_layer_ids" in body
+    assert "config.dflash_target_layer_ids = list(layer_ids)" in body
+    setup = module_tree(
+        ROOT, "sglang.srt.model_executor.model_runner_components.attention_backend_setup"
+    )
+    calls = _statements(_function(setup, "configure_aux_hidden_state_capture"))
+    assert "model.set_dflash_layers_to_capture(dflash_target_layer_ids)" in calls
+
+
+@needs_source
+@pytest.mark.parametrize(("module", "model", "stack"), CAPTURE_MODELS, ids=MODEL_IDS)
+def test_layer_id_i_is_captured_before_layer_i_plus_1(module: str, model: str, stack: str) -> None:
+    """set_dflash_layers_to_capture (and set_eagle3_layers_to_capture with ids) capture before
+    layer id + 1: the output of layer id. The fake's mapping is SGLang's, evaluated."""
+    assert ROOT is not None
+    cls = find_class(module_tree(ROOT, module), model)
+    for name in ("set_dflash_layers_to_capture", "set_eagle3_layers_to_capture"):
+        method = find_method(cls, name)
+        assert isinstance(method, ast.FunctionDef)
+        value = _layers_assignment(method)
+        assert isinstance(value, ast.ListComp), ast.unparse(value)
+        code = compile(ast.Expression(value), f"{module}.{model}.{name}", "eval")
+        for ids in ([0, 2, 5], [4], [1, 3, 4], [0, 6]):
+            got = eval(code, {"layer_ids": ids})
+            assert got == [i + 1 for i in ids] == fakes.layers_to_capture(ids, 8, "dflash")
+
+
+@needs_source
+@pytest.mark.parametrize(("module", "model", "stack"), CAPTURE_MODELS, ids=MODEL_IDS)
+def test_eagle3_default_layers_are_the_plans_default(module: str, model: str, stack: str) -> None:
+    assert ROOT is not None
+    cls = find_class(module_tree(ROOT, module), model)
+    method = find_method(cls, "set_eagle3_layers_to_capture")
+    assert isinstance(method, ast.FunctionDef)
+    defaults = [
+        node.value
+        for node in ast.walk(method)
+        if isinstance(node, ast.Assign)
+        and [ast.unparse(t) for t in node.targets] == ["self.model.layers_to_capture"]
+        and isinstance(node.value, ast.List)
+    ]
+    [default] = defaults
+    for n in (8, 32, 36):
+        got = eval(compile(ast.Expression(default), "default", "eval"), {"num_layers": n})
+        assert got == [i + 1 for i in default_layer_ids("eagle3", n)]
+        assert got == fakes.layers_to_capture(None, n, "eagle3")
+
+
+@needs_source
+@pytest.mark.parametrize(("module", "model", "stack"), CAPTURE_MODELS, ids=MODEL_IDS)
+def test_captures_follow_layer_order_and_are_layer_inputs(
+    module: str, model: str, stack: str
+) -> None:
+    """The decoder stack captures in its own layer loop, by membership: rows come out in
+    ascending layer order whatever the order of the ids (which is why plans must ascend), and
+    what is captured is a layer's input, the output of the layer before."""
+    assert ROOT is not None
+    tree = module_tree(ROOT, module)
+    forward = find_method(find_class(tree, stack), "forward")
+    loops = [
+        node
+        for node in ast.walk(forward)
+        if isinstance(node, ast.For)
+        and ast.unparse(node.iter) == "range(self.start_layer, self.end_layer)"
+    ]
+    [loop] = loops
+    captures = [
+        ast.unparse(kw.value)
+        for node in ast.walk(loop)
+        if isinstance(node, ast.Call)
+        for kw in node.keywords
+        if kw.arg == "capture_output"
+    ]
+    assert captures == ["aux_hidden_states.capture if i in self.layers_to_capture else None"]
+    # The decoder layer hands capture_output to its first step, before attention reads the
+    # residual stream: the capture is the layer's input.
+    layer_cls = {"LlamaModel": "LlamaDecoderLayer", "Qwen3Model": "Qwen3DecoderLayer"}[stack]
+    layer_forward = find_method(find_class(tree, layer_cls), "forward")
+    first = next(s for s in layer_forward.body if not isinstance(s, ast.Expr))
+    text = ast.unparse(first)
+    assert text.startswith("hidden_states = self.attn_boundary.prepare(hidden_states"), text
+    assert "capture=capture_output" in text
+    # The fake captures the same way: ascending whatever the order of its capture points.
+    outs = [torch.full((2, 1), float(j)) for j in range(9)]
+    got = fakes.captured_layers(outs, [6, 1, 3], 8)
+    assert got[0].tolist() == [1.0, 3.0, 6.0]
+
+
+@needs_source
+def test_captures_are_concatenated_in_capture_order() -> None:
+    assert ROOT is not None
+    tree = module_tree(ROOT, "sglang.srt.layers.aux_hidden_states")
+    body = _statements(_function(tree, "pack_aux_hidden_states"))
+    assert "return torch.cat(aux_hidden_states, dim=-1)" in body
+    assert "return aux_hidden_states[0]" in body  # one layer: [L, H] as it is
+
+
+@needs_source
+def test_sglang_keeps_the_final_state_in_every_capture_mode() -> None:
+    """The post-norm rows stay on the GPU in DFLASH mode too; the plugin simply never reads them
+    for a DFlash plan (no copy, no write)."""
+    assert ROOT is not None
+    cls = find_class(module_tree(ROOT, "sglang.srt.layers.logits_processor"), "LogitsProcessor")
+    body = _statements(find_method(cls, "__init__"))
+    assert "self.keep_last_hidden_states = features.aux_hidden_state_capture is not None" in body
+
+
+@needs_source
+def test_dflash_default_layers_match_sglang() -> None:
+    """services.capture.build_target_layer_ids is SGLang's build_target_layer_ids."""
+    assert ROOT is not None
+    tree = module_tree(ROOT, "sglang.srt.speculative.dflash_utils")
+    fn = _function(tree, "build_target_layer_ids")
+    namespace: dict[str, Any] = {"List": list}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), "dflash_utils", "exec"), namespace)
+    for n in range(4, 81):
+        for d in range(1, 9):
+            assert build_target_layer_ids(n, d) == namespace["build_target_layer_ids"](n, d)
