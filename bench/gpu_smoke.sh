@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU smoke run: the whole DraftFlow path on one CUDA machine, in under eight minutes.
+# GPU smoke run: the whole DraftFlow path on one CUDA machine: steps 1-3 in under eight minutes,
+# step 4 (SGLang, where installed) in up to about fourteen more.
 #
 #   bash bench/gpu_smoke.sh                  run it (any working directory; results in $OUT)
 #   bash bench/gpu_smoke.sh --fetch-wheels   on a machine WITH network, before: fill .wheels/
@@ -14,7 +15,15 @@
 #      an HF producer running the tiny target in bfloat16 on the GPU, the trainer on the GPU;
 #      checks the exported draft and prints the summary (accuracy against chance);
 #   3. bench/bench_e2e.py --device cuda: the same topology against one process with features
-#      handed over in memory (samples/s, data wait, ratio).
+#      handed over in memory (samples/s, data wait, ratio);
+#   4. SGLang capture, where SGLang (>= 0.5.23) is importable and draftflow is installed in the
+#      same environment (pip install -e '.[sglang]'; not in .wheels/, it is gigabytes):
+#      tests/gpu/test_sglang_e2e.py (the plugin's device path; EAGLE3 and DFlash features from
+#      SGLang against the hf engine), then `draftflow up --config examples/tiny-dflash.yaml` with
+#      DRAFTFLOW_ENGINE=sglang: a DFlash run whose producer captures through SGLang in process
+#      (hidden_states of the plan's layers, no final state) and a trainer on the GPU. Skipped,
+#      with the reason, where SGLang is missing; SGLANG=require makes that a failure, SGLANG=skip
+#      leaves the step out.
 #
 # The machine needs: Python 3.12 (or the python3 on PATH, $PYTHON overrides) with a CUDA torch,
 # grpcio, protobuf, transformers, safetensors, tokenizers, xxhash, pyyaml, rich and
@@ -25,7 +34,9 @@
 # transport used here does not need it).
 #
 # Outputs (in $OUT, default .gpu-smoke/ in the repository): env.txt, up.txt, summary.json,
-# bench_e2e.txt, logs/ (every role's log from step 2). Exit status 0 only if every step passed.
+# bench_e2e.txt, logs/ (every role's log from step 2), and from step 4 sglang_e2e.txt,
+# up_dflash_sglang.txt, summary_dflash_sglang.json, logs_dflash_sglang/. Exit status 0 only if
+# every step that ran passed.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -131,5 +142,73 @@ EOF
 
 step "bench/bench_e2e.py --device $DEVICE"
 timeout 240 "$PY" bench/bench_e2e.py --device "$DEVICE" 2>&1 | tee "$OUT/bench_e2e.txt"
+
+SGLANG="${SGLANG:-auto}"
+sglang_missing() {
+  "$PY" - <<'EOF'
+import importlib.metadata, importlib.util, sys
+if importlib.util.find_spec("sglang") is None:
+    sys.exit("SGLang is not installed (pip install -e '.[sglang]')")
+if not any(ep.value == "producer.sglang_plugin:register"
+           for ep in importlib.metadata.entry_points(group="sglang.srt.plugins")):
+    sys.exit("draftflow is not installed where SGLang runs (pip install -e .), so SGLang would "
+             "not load the capture plugin")
+EOF
+}
+if [[ "$SGLANG" == "skip" ]]; then
+  step "SGLang capture: left out (SGLANG=skip)"
+elif ! why=$(sglang_missing 2>&1); then
+  step "SGLang capture: skipped: $why"
+  if [[ "$SGLANG" == "require" ]]; then
+    echo "SGLANG=require: failing"
+    exit 4
+  fi
+else
+  step "tests/gpu/test_sglang_e2e.py (SGLang against the hf engine: EAGLE3 and DFlash)"
+  timeout 420 "$PY" -m pytest -q -rs -p no:cacheprovider tests/gpu/test_sglang_e2e.py \
+    2>&1 | tee "$OUT/sglang_e2e.txt"
+
+  step "DRAFTFLOW_ENGINE=sglang draftflow up --config examples/tiny-dflash.yaml --device $DEVICE"
+  WORK_DF="$OUT/up-dflash-sglang"
+  set +e
+  DRAFTFLOW_ENGINE=sglang timeout 420 "$PY" -m draftflow up \
+    --config "$ROOT/examples/tiny-dflash.yaml" --device "$DEVICE" --workdir "$WORK_DF" --fresh \
+    --timeout 400 2>&1 | tee "$OUT/up_dflash_sglang.txt"
+  UP_DF=${PIPESTATUS[0]}
+  set -e
+  cp -r "$WORK_DF/logs" "$OUT/logs_dflash_sglang" 2>/dev/null || true
+  cp "$WORK_DF"/runs/*/summary.json "$OUT/summary_dflash_sglang.json" 2>/dev/null || true
+  if [[ $UP_DF -ne 0 ]]; then
+    echo "the DFlash run through SGLang failed with status $UP_DF; see $OUT/logs_dflash_sglang"
+    exit 1
+  fi
+  "$PY" - "$WORK_DF" "$DEVICE" <<'EOF'
+import json, sys
+from pathlib import Path
+work, device = Path(sys.argv[1]), sys.argv[2]
+(run,) = (work / "runs").iterdir()
+summary = json.loads((run / "summary.json").read_text())
+final = run / "final"
+assert summary["algorithm"] == "dflash", summary["algorithm"]
+assert (final / "config.json").is_file() and any(final.glob("*.safetensors")), final
+assert summary["samples"].get("LOST", 0) == 0 and summary["samples"].get("DEAD", 0) == 0
+assert summary["steps"] > 0 and summary["trainer"]["device"].startswith(device), summary
+# Every producer captured through SGLang with the DFlash layout: the plan's layers as
+# hidden_states, no final state.
+ready = []
+for log in sorted((work / "logs").glob("producer*.log")):
+    for line in log.read_text().splitlines():
+        if '"engine_ready"' in line:
+            ready.append(json.loads(line))
+assert ready, "no producer logged engine_ready"
+for rec in ready:
+    assert rec.get("engine") == "sglang", rec
+    assert rec.get("layers_tensor") == "hidden_states" and rec.get("final_hidden") is False, rec
+acc = summary["trainer"]["accuracies"]
+print(f"ok: DFlash through SGLang, layers {ready[0].get('aux_layer_ids')}, "
+      f"{summary['steps']} steps, top-1 per block position {acc}, "
+      f"acceptance {summary['trainer']['acceptance_length']:.2f}, {summary['seconds']:.0f} s")
+EOF
+fi
 
 step "done in $((SECONDS - START)) s; results in $OUT"

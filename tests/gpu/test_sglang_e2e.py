@@ -160,3 +160,101 @@ def test_sglang_features_match_the_hf_engine_and_train(tmp_path: Path) -> None:
         store.close()
     finally:
         master.stop()
+
+
+@needs_cuda
+def test_dflash_rows_go_from_the_device_to_the_store_without_the_final_state(hooked) -> None:
+    from producer.sglang_plugin import wire
+    from services.store import open_store
+    from tests.sglang.test_dflash import LAYERS, dflash_body
+
+    store = open_store("memory://gpu-plugin-dflash?store_id=st")
+    hooks = install_on_fakes(store, staging_bytes=1 << 20)
+    scheduler = fakes.FakeScheduler(HIDDEN, LAYERS, device="cuda", capture="dflash")
+    prompts = {"a": list(range(1, 300)), "b": [5, 6, 7]}
+
+    responses = scheduler.run([dflash_body(k, v) for k, v in prompts.items()])
+
+    assert hooks._staging is not None and hooks._staging.buffer.is_pinned()
+    for response, ids in zip(responses, prompts.values(), strict=True):
+        ref = wire.ref_from_meta_info(response["meta_info"])
+        assert ref["ok"] is True, ref
+        assert [t["name"] for t in ref["tensors"]] == ["input_ids", "hidden_states"]
+        got = store.get_sample([wire.spec_from_wire(t) for t in ref["tensors"]])
+        assert got["hidden_states"].equal(fakes.synthetic_features(ids, HIDDEN, LAYERS)[0])
+
+
+@needs_cuda
+@needs_sglang
+@pytest.mark.parametrize(("arch", "layers"), [("llama", (0, 2, 5)), ("qwen3", (1, 5))])
+def test_sglang_dflash_features_match_the_hf_engine(tmp_path: Path, arch: str, layers) -> None:
+    """A DFlash plan through real SGLang: hidden_states holds the outputs of the plan's layers
+    (id i = output of layer i, HF's hidden_states[i + 1]) as the hf engine captures them, and
+    no final state is written."""
+    from producer.engines.base import EngineConfig
+    from producer.engines.hf import HFEngine
+    from producer.engines.sglang import CapturedRef, CaptureItem, SGLangEngine, SGLangOptions
+    from services.store import open_store
+    from services.store.mooncake_proc import start_master
+    from services.tiny_model import build_tiny_target
+
+    target = build_tiny_target(
+        tmp_path / "target", arch=arch, num_layers=8, hidden_size=256, vocab_size=2048, seed=0
+    )
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(8, 2048, (n,), generator=gen).tolist() for n in (17, 64, 5, 130)]
+
+    master = start_master()
+    try:
+        url = master.url("e2e-dflash", segment_mb=256, buffer_mb=128)
+        store = open_store(url)
+        config = EngineConfig(
+            model_path=str(target), dtype="bfloat16", aux_layer_ids=layers, algorithm="dflash"
+        )
+        engine = SGLangEngine(
+            config,
+            SGLangOptions(
+                store=store,
+                store_url=url,
+                engine_kwargs={"mem_fraction_static": 0.3, "log_level": "warning"},
+            ),
+        )
+        try:
+            outcomes = engine.capture_to_store(
+                [CaptureItem("e2e-dflash", f"s{i}", 0, tuple(p)) for i, p in enumerate(prompts)]
+            )
+        finally:
+            engine.close()
+        assert all(isinstance(o, CapturedRef) for o in outcomes), outcomes
+        for outcome in outcomes:
+            assert [t.name for t in outcome.tensors] == ["input_ids", "hidden_states"]
+        sglang_features = [store.get_sample(list(o.tensors)) for o in outcomes]
+
+        with HFEngine(
+            EngineConfig(
+                model_path=str(target),
+                device="cuda",
+                dtype="bfloat16",
+                aux_layer_ids=layers,
+                algorithm="dflash",
+            )
+        ) as hf:
+            hf_features = hf.capture(prompts)
+
+        for got, want, ids in zip(sglang_features, hf_features, prompts, strict=True):
+            assert got["input_ids"].tolist() == ids
+            assert want.hidden_state is None
+            assert got["hidden_states"].shape == (len(ids), len(layers) * 256)
+            assert _relative_error(got["hidden_states"], want.aux_hidden_state.cpu()) < 2e-2
+            # Block by block: each layer's rows sit where the plan puts them.
+            for k in range(len(layers)):
+                block = slice(k * 256, (k + 1) * 256)
+                assert (
+                    _relative_error(
+                        got["hidden_states"][:, block], want.aux_hidden_state.cpu()[:, block]
+                    )
+                    < 2e-2
+                )
+        store.close()
+    finally:
+        master.stop()
