@@ -34,6 +34,8 @@ from services.store.samples import (
 
 log = logging.getLogger(__name__)
 MiB = 1 << 20
+READ_ATTEMPTS = 3
+"""Reads of one batch while they keep outlasting the master's lease (-707)."""
 
 
 @dataclass
@@ -132,6 +134,11 @@ class MooncakeStore(FeatureStore):
         self._closed = False
         log.info("mooncake store joined", extra=event(
             "store_open", master=config.master, segment=self._client.get_hostname()))
+        log.warning(
+            "Mooncake's transfer engine listens on every interface (0.0.0.0 and ::), not only "
+            "%s: it has no option to bind one address, and no authentication. Firewall its "
+            "ports from everything but the cluster's private network (docs/feature-store.md)",
+            config.local_host, extra=event("store_listens_everywhere", local=config.local_host))
 
     @property
     def segment_name(self) -> str:
@@ -258,9 +265,16 @@ class MooncakeStore(FeatureStore):
         keys = [spec.key for spec, _, _ in group]
         ptrs = [b.data_ptr() for b in buffers]
         sizes = [b.numel() for b in buffers]
-        results = self._call(
-            "get", keys[0], lambda: self._client.batch_get_into(keys, ptrs, sizes)
-        )
+        # A read that outlasts the master's lease on its object (a slow link, a busy node)
+        # may have raced a change to it: read again; after the last try the sample is lost.
+        for _ in range(READ_ATTEMPTS):
+            results = self._call(
+                "get", keys[0], lambda: self._client.batch_get_into(keys, ptrs, sizes)
+            )
+            if codes.LEASE_EXPIRED not in results:
+                break
+            log.warning("read outlasted its lease, reading again", extra=event(
+                "store_read_lease_expired", key=keys[0], keys=len(keys)))
         for (spec, dest, land), buf, rc in zip(group, buffers, results, strict=True):
             stored = rc
             if rc == codes.INVALID_PARAMS:  # e.g. the object is larger than the destination

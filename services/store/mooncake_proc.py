@@ -7,6 +7,7 @@ addresses of a private network only.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import shutil
@@ -17,11 +18,15 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.logs import event
 from services.store.base import StoreUnavailable
 from services.store.mooncake import master_reachable
+
+log = logging.getLogger(__name__)
 
 
 def master_binary() -> str:
@@ -124,8 +129,11 @@ def start_master(
     log_path: Path | None = None,
     timeout_s: float = 20.0,
     prefix: list[str] | None = None,
+    extra_args: Sequence[str] = (),
 ) -> MasterHandle:
     """Start ``mooncake_master`` bound to ``host`` (0 ports: free ones) and wait until it serves.
+
+    ``extra_args``: more ``--flag=value`` arguments for the master (e.g. its lease time).
 
     ``prefix`` runs it under a wrapper, e.g. ``["ip", "netns", "exec", NS]``; give explicit
     ports then, since free ones are looked up here.
@@ -147,12 +155,19 @@ def start_master(
             f"--metrics_host={host}", f"--metrics_port={metrics}",
             f"--client_ttl={client_ttl_s}",
             "--rpc_thread_num=4",
+            *extra_args,
         ]
         if http_port is not None:
             argv += [
                 "--enable_http_metadata_server=true",
                 f"--http_metadata_server_host={host}", f"--http_metadata_server_port={http_port}",
             ]
+            log.warning(
+                "the Mooncake HTTP metadata server listens on every interface (port %d), not "
+                "only %s: this Mooncake build ignores --http_metadata_server_host. Firewall the "
+                "port, or use metadata=P2PHANDSHAKE, which needs no metadata server",
+                http_port, host, extra=event("metadata_server_listens_everywhere",
+                                             host=host, port=http_port))
         try:
             return _launch(argv, host, rpc, metrics, http_port, log_path, timeout_s, prefix or [])
         except StoreUnavailable:

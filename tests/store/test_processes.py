@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 from services.store import FeatureLost, FeatureStore, StoreFull, StoreUnavailable, open_store
-from services.store.mooncake_proc import MasterHandle, start_holder
+from services.store.mooncake import READ_ATTEMPTS
+from services.store.mooncake_proc import MasterHandle, start_holder, start_master
 from tests.store.conftest import mooncake_url
 from tests.store.worker import decode, sample
 
@@ -165,3 +167,78 @@ def test_killed_and_restarted_master(fresh_master: MasterHandle):
         assert store.healthy()
     finally:
         store.close()
+
+
+def test_reads_outlasting_the_lease_are_retried_then_reported_lost(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A master whose leases end at once: every read outlasts its lease (-707).
+    master = start_master(extra_args=["--default_kv_lease_ttl=0"])
+    try:
+        writer = open_store(master.url("lease", segment_mb=16, buffer_mb=16))
+        reader = open_store(master.url("lease", buffer_mb=16))
+        specs = writer.put_sample("run", "p:e0", 0, {"x": torch.arange(1000.0)})
+        with caplog.at_level("WARNING", logger="services.store.mooncake"), \
+                pytest.raises(FeatureLost, match=r"outlasted the master's lease .*-707"):
+            reader.get_sample(specs)
+        tries = [r for r in caplog.records
+                 if getattr(r, "action", "") == "store_read_lease_expired"]
+        assert len(tries) == READ_ATTEMPTS
+        reader.close()
+        writer.close()
+    finally:
+        master.stop()
+
+
+def _listeners(pid: int) -> set[str]:
+    """Local addresses of ``pid``'s listening TCP sockets, from ``ss``."""
+    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[3].rsplit(":", 1)[0] for line in out.splitlines()
+            if f"pid={pid}," in line}
+
+
+def test_master_binds_every_socket_to_the_address_asked(
+        caplog: pytest.LogCaptureFixture) -> None:
+    master = start_master(host="127.0.0.1")
+    try:
+        assert _listeners(master.process.pid) == {"127.0.0.1"}
+    finally:
+        master.stop()
+    # The HTTP metadata server is the exception: this Mooncake build binds it everywhere, and
+    # starting it says so.
+    with caplog.at_level("WARNING", logger="services.store.mooncake_proc"):
+        master = start_master(host="127.0.0.1", http_metadata=True)
+    try:
+        assert [r.port for r in caplog.records  # type: ignore[attr-defined]
+                if getattr(r, "action", "") == "metadata_server_listens_everywhere"] == [
+            master.http_metadata_port]
+        assert _listeners(master.process.pid) == {"127.0.0.1", "0.0.0.0"}
+    finally:
+        master.stop()
+
+
+def test_a_store_says_its_transfer_engine_listens_everywhere(
+        mooncake_master: MasterHandle, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="services.store.mooncake"):
+        store = open_store(mooncake_url(mooncake_master, buffer_mb=16, local="127.0.0.1"))
+    try:
+        warned = [r for r in caplog.records
+                  if getattr(r, "action", "") == "store_listens_everywhere"]
+        assert len(warned) == 1 and "127.0.0.1" in warned[0].getMessage()
+        # What the warning says: Mooncake binds beyond the address asked for.
+        assert _listeners(os.getpid()) - {"127.0.0.1"}
+    finally:
+        store.close()
+
+
+def test_documented_master_commands_bind_every_port_they_open() -> None:
+    root = Path(__file__).resolve().parents[2]
+    commands = []
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = doc.read_text().replace("\\\n", " ")
+        commands += [(doc.name, line) for line in text.splitlines()
+                     if line.lstrip().startswith("mooncake_master ")]
+    assert commands
+    for name, line in commands:
+        assert "--rpc_address=" in line and "--metrics_host=" in line, (name, line)
+        # Its HTTP metadata server would listen on every interface (see above).
+        assert "--enable_http_metadata_server" not in line, (name, line)
