@@ -471,6 +471,12 @@ class Coordinator:
                         reason=f"generation {ref.generation} != leased generation "
                                f"{row.generation}"))
                     continue
+                mismatch = validate.ref_mismatch(ref, sess.config)
+                if mismatch is not None:
+                    results.append(cpb.CommitResult(
+                        sample_id=ref.sample_id, status=cpb.COMMIT_STATUS_REJECTED,
+                        reason=f"not a sample of this run: {mismatch}"))
+                    continue
                 nbytes = sum(t.nbytes for t in ref.tensors)
                 accepted.append({
                     "_id": row.id, "ref": blob, "nbytes": nbytes, "num_tokens": ref.num_tokens,

@@ -9,7 +9,13 @@ from urllib.parse import urlsplit
 from google.protobuf.message import Message
 
 from services.api import common_pb2, run_pb2
-from services.capture import DFLASH_FAMILY, CapturePlanError, plan_for
+from services.capture import (
+    DFLASH_FAMILY,
+    FINAL_HIDDEN_TENSOR,
+    CapturePlan,
+    CapturePlanError,
+    plan_for,
+)
 from services.errors import InvalidArgument
 from services.fingerprint import vocab_map_hash
 from services.tensors import validate_specs
@@ -188,6 +194,40 @@ def sample_ref(ref: common_pb2.SampleRef, field: str, run: str) -> None:
         raise InvalidArgument(f"{field}.store: must not contain '/'")
     prefix = f"{ref.store}/{ref.run_id}/{ref.sample_id}/g{ref.generation}/"
     validate_specs(ref.tensors, f"{field}.tensors", key_prefix=prefix)
+
+
+FLOAT_DTYPES = (common_pb2.DTYPE_BFLOAT16, common_pb2.DTYPE_FLOAT16, common_pb2.DTYPE_FLOAT32)
+TOKEN_DTYPES = {"input_ids": (common_pb2.DTYPE_INT64,),
+                "loss_mask": (common_pb2.DTYPE_UINT8, common_pb2.DTYPE_BOOL)}
+
+
+def ref_mismatch(ref: common_pb2.SampleRef, cfg: run_pb2.RunConfig) -> str | None:
+    """Why a structurally valid ref cannot be a sample of this run (None when it can): its
+    capture plan, tensor names, dtypes and shapes must be the ones the run's plan produces."""
+    t = cfg.target
+    plan = plan_for(cfg.draft.algorithm or "eagle3", list(cfg.capture.aux_layer_ids),
+                    t.num_layers)
+    if ref.HasField("capture") and CapturePlan.from_proto(ref.capture) != plan:
+        return (f"captured with plan {CapturePlan.from_proto(ref.capture)}, this run captures "
+                f"{plan}")
+    names = [spec.name for spec in ref.tensors]
+    if sorted(names) != sorted(plan.tensors):
+        return f"tensors {names}; samples of this run hold {list(plan.tensors)}"
+    n = ref.num_tokens
+    if n > cfg.capture.max_length:
+        return f"num_tokens {n} exceeds capture.max_length {cfg.capture.max_length}"
+    widths = {plan.layers_tensor: len(plan.layer_ids) * t.hidden_size,
+              FINAL_HIDDEN_TENSOR: t.hidden_size}
+    for spec in ref.tensors:
+        width = widths.get(spec.name)
+        shape = [n] if width is None else [n, width]
+        if list(spec.shape) != shape:
+            return f"{spec.name} has shape {list(spec.shape)}, expected {shape}"
+        allowed = TOKEN_DTYPES.get(spec.name, FLOAT_DTYPES)
+        if spec.dtype not in allowed:
+            return (f"{spec.name} has dtype {common_pb2.DType.Name(spec.dtype)}, expected one "
+                    f"of {[common_pb2.DType.Name(d) for d in allowed]}")
+    return None
 
 
 # ---------------------------------------------------------------------------- ranges and limits

@@ -47,14 +47,23 @@ def dataset(n: int) -> list[str]:
     ]}) for i in range(n)]
 
 
+EAGLE3_SHAPES = (("input_ids", common_pb2.DTYPE_INT64, 8, None),
+                 ("loss_mask", common_pb2.DTYPE_UINT8, 1, None),
+                 ("aux_hidden_state", common_pb2.DTYPE_BFLOAT16, 2, 3 * 16),
+                 ("hidden_state", common_pb2.DTYPE_BFLOAT16, 2, 16))
+"""(name, dtype, itemsize, width or None for [L]) of a sample of ``run_config()``'s run."""
+
+
 def ref_for(lease: cpb.PromptLease, run_id: str, num_tokens: int = 4, store: str = STORE
             ) -> common_pb2.SampleRef:
     ref = common_pb2.SampleRef(
         run_id=run_id, sample_id=lease.sample_id, prompt_id=lease.prompt_id, epoch=lease.epoch,
         generation=lease.generation, store=store, num_tokens=num_tokens, producer_id="p")
-    ref.tensors.add(name="input_ids", dtype=common_pb2.DTYPE_INT64, shape=[num_tokens],
-                    nbytes=8 * num_tokens,
-                    key=make_key(store, run_id, lease.sample_id, lease.generation, "input_ids"))
+    for name, dtype, itemsize, width in EAGLE3_SHAPES:
+        shape = [num_tokens] if width is None else [num_tokens, width]
+        ref.tensors.add(name=name, dtype=dtype, shape=shape,
+                        nbytes=itemsize * num_tokens * (width or 1),
+                        key=make_key(store, run_id, lease.sample_id, lease.generation, name))
     return ref
 
 

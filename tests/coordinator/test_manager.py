@@ -17,6 +17,7 @@ from coordinator.errors import (
 from coordinator.manager import Coordinator
 from services.api import common_pb2, run_pb2
 from services.api import coordinator_pb2 as cpb
+from services.capture import plan_for
 from tests.conftest import ManualClock
 from tests.coordinator import helpers as h
 
@@ -331,7 +332,7 @@ def test_commit_validation_names_the_field_and_changes_nothing(coord: Coordinato
     bad(lambda r: r.tensors[0].__setattr__("dtype", 0), r"tensors\[0\]\.dtype: DTYPE_UNSPECIFIED")
     bad(lambda r: r.tensors[0].shape.__setitem__(0, -1), r"tensors\[0\]\.shape: negative")
     bad(lambda r: r.tensors[0].__setattr__("nbytes", 7), r"tensors\[0\]\.nbytes: 7 != shape")
-    bad(lambda r: r.tensors.append(r.tensors[0]), r"tensors\[1\]\.name: duplicate")
+    bad(lambda r: r.tensors.append(r.tensors[0]), r"tensors\[4\]\.name: duplicate")
     bad(lambda r: r.tensors[0].__setattr__("key", "other/r1/x/g0/input_ids"),
         r"tensors\[0\]\.key: .* outside the prefix")
     bad(lambda r: r.__setattr__("run_id", "r2"), r"samples\[0\]\.ref\.run_id")
@@ -361,6 +362,57 @@ def test_commit_with_wrong_generation_is_rejected_per_ref(coord: Coordinator) ->
     assert [r.status for r in res] == [cpb.COMMIT_STATUS_ACCEPTED, cpb.COMMIT_STATUS_REJECTED]
     assert "generation 1" in res[1].reason
     assert counts(coord)[0] == {"CAPTURED": 1, "LEASED": 1}
+
+
+def test_refs_that_do_not_fit_the_run_are_rejected_per_sample(coord: Coordinator) -> None:
+    """A ref is checked against the run's capture plan, widths, dtypes and max length; a bad
+    one is refused alone and the rest of the call goes through."""
+    cfg = make_run(coord, n=8)
+    sid = producer(coord, cfg)
+    leases = coord.lease_prompts(sid, 7).leases
+
+    def edited(lease: cpb.PromptLease, edit) -> cpb.SampleCommit:
+        c = h.commit(lease, "r1")
+        edit(c.ref)
+        return c
+
+    def huge(r: common_pb2.SampleRef) -> None:
+        r.num_tokens = 1_000_000_000
+        for t in r.tensors:
+            t.shape[0] = r.num_tokens
+            t.nbytes = t.nbytes // 4 * r.num_tokens
+
+    def narrow(r: common_pb2.SampleRef) -> None:
+        r.tensors[2].shape[1] = 47
+        r.tensors[2].nbytes = 2 * 4 * 47
+
+    def float_mask(r: common_pb2.SampleRef) -> None:
+        r.tensors[1].dtype = common_pb2.DTYPE_FLOAT32
+        r.tensors[1].nbytes = 4 * 4
+
+    def dflash_plan(r: common_pb2.SampleRef) -> None:
+        r.capture.CopyFrom(plan_for("dflash", [1, 3, 4], 8).to_proto())
+
+    commits = [
+        h.commit(leases[0], "r1"),
+        edited(leases[1], huge),
+        edited(leases[2], narrow),
+        edited(leases[3], float_mask),
+        edited(leases[4], lambda r: r.tensors.pop()),
+        edited(leases[5], dflash_plan),
+        edited(leases[6], lambda r: r.capture.CopyFrom(
+            plan_for("eagle3", [1, 3, 4], 8).to_proto())),
+    ]
+    res = coord.commit_samples(sid, commits)
+    assert [r.status for r in res] == [cpb.COMMIT_STATUS_ACCEPTED] + [
+        cpb.COMMIT_STATUS_REJECTED] * 5 + [cpb.COMMIT_STATUS_ACCEPTED]
+    reasons = [r.reason for r in res[1:6]]
+    assert "num_tokens 1000000000 exceeds capture.max_length 64" in reasons[0]
+    assert "aux_hidden_state has shape [4, 47], expected [4, 48]" in reasons[1]
+    assert "loss_mask has dtype DTYPE_FLOAT32" in reasons[2]
+    assert "samples of this run hold" in reasons[3]
+    assert "this run captures" in reasons[4]
+    assert counts(coord)[0] == {"CAPTURED": 2, "LEASED": 5, "PENDING": 1}
 
 
 def test_producer_session_cannot_stream_and_trainer_cannot_lease(coord: Coordinator) -> None:
