@@ -16,6 +16,7 @@ from draftflow import runtime_env
 # Modules that contribute subcommands, in the order --help lists them.
 _COMMAND_MODULES = (
     "draftflow.up_cli",
+    "draftflow.train_cli",
     "draftflow.run_cli",
     "coordinator.cli",
     "producer.cli",
@@ -26,6 +27,7 @@ _COMMAND_MODULES = (
 EPILOG = """\
 Start here:
   draftflow up                      train a tiny EAGLE3 draft on this machine, end to end
+  draftflow train CONFIG            target and draft in one process (colocated, resumable)
   draftflow status RUN --watch      follow a run
 Several nodes:
   draftflow coordinator --listen 0.0.0.0:50051 --db postgresql+psycopg://...

@@ -92,6 +92,10 @@ class TrainerWatch:
             # off for seconds and would miss a short run.
             self.close()
             return
+        self.record(reply)
+
+    def record(self, reply: trainer_pb2.TrainerGetStatusResponse) -> None:
+        """Keep one status read (a new step's figures join the window)."""
         self._last = reply
         if reply.step > 0 and reply.accuracies and (
                 not self._steps or self._steps[-1].step != reply.step):
@@ -149,9 +153,10 @@ class Summary:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
 
-    def print(self, console: Console, out_dir: Path) -> None:
+    def print(self, console: Console, out_dir: Path, title: str = "draftflow up — done"
+              ) -> None:
         s = self.samples
-        table = Table(title="draftflow up — done", show_header=False, title_justify="left")
+        table = Table(title=title, show_header=False, title_justify="left")
         table.add_column(style="bold")
         table.add_column()
         table.add_row("samples", f"{s.get('TRAINED', 0) + s.get('RETIRED', 0)} trained, "

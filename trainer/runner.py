@@ -245,8 +245,7 @@ class CoordinatorRunner:
         self.dist = dist_ctx or init_distributed(cfg.device, init_method=cfg.init_method)
         rank = self.dist.rank
         identity = f"{socket.gethostname()}:{os.getpid()}:rank{rank}"
-        self.session = CoordinatorSession(cfg.coordinator, cfg.run_id, cfg.token, cfg.tls_ca,
-                                          identity, trainer_group=self._group_id())
+        self.session = self._open_session(identity, self._group_id())
         self.run_info = self.session.get_run()
         self.model_path = cfg.model_path or self.run_info.config.target.model_path
         if not (Path(self.model_path) / "config.json").is_file():
@@ -287,6 +286,11 @@ class CoordinatorRunner:
         self._checkpoint_uri = reg.last_checkpoint_uri
         """URI of the latest checkpoint (what SaveCheckpoint answers)."""
         self._resume(reg.last_checkpoint_step, reg.last_checkpoint_uri)
+
+    def _open_session(self, identity: str, trainer_group: str) -> CoordinatorSession:
+        """This rank's coordinator session; colocated runs reach an in-process coordinator."""
+        return CoordinatorSession(self.cfg.coordinator, self.cfg.run_id, self.cfg.token,
+                                  self.cfg.tls_ca, identity, trainer_group=trainer_group)
 
     def _group_id(self) -> str:
         """One id for every rank of this launch (rank 0's): registering it fences older groups."""
