@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import grpc
 import torch
 import torch.distributed as dist
 from google.protobuf import json_format
 
 from services.api import common_pb2, trainer_pb2
+from services.api import coordinator_pb2 as cpb
 from services.logs import event
 from services.store import open_store
 from trainer import STATUS_FILE
@@ -275,6 +277,8 @@ class CoordinatorRunner:
         self._save_requests: list[Future[tuple[int, str]]] = []
         self._stop_requested = False
         self.stopped = False
+        self.cancelled = False
+        """The run was cancelled while this runner trained it (nothing was exported)."""
         self.losses: list[tuple[int, float]] = []
         """(step, loss) of every step this runner trained, in order."""
         self.timeline: list[tuple[float, float]] = []
@@ -362,7 +366,7 @@ class CoordinatorRunner:
             if self.trainer.step > self.status.last_checkpoint_step:
                 self._checkpoint()
             self._committer.flush()
-            if self.cfg.export and not self.stopped:
+            if self.cfg.export and not self.stopped and not self._run_cancelled():
                 self._export()
         finally:
             self.session.stop_retrying()
@@ -378,6 +382,24 @@ class CoordinatorRunner:
             "trainer_done", run_id=self.cfg.run_id, step=self.trainer.step,
             end_of_data=self.source.end_step is not None, dropped=self.source.dropped))
         return self.trainer.step
+
+    def _run_cancelled(self) -> bool:
+        """Whether the run was cancelled (its stream then ends early): a draft trained on part
+        of the data is not exported as OUT/final. Rank 0's answer decides for every rank."""
+        box: list[object] = [False]
+        if self.dist.rank == 0:
+            try:
+                box[0] = self.session.get_run().state == cpb.RUN_STATE_CANCELLED
+            except grpc.RpcError as exc:  # the data ended: export what was trained
+                log.warning("could not ask whether the run was cancelled: %s", exc.code().name,
+                            extra=event("run_state_unknown", run_id=self.cfg.run_id))
+        if self.dist.is_distributed:
+            dist.broadcast_object_list(box, src=0)
+        if box[0]:
+            self.cancelled = True
+            log.warning("the run was cancelled: OUT/final is not exported", extra=event(
+                "export_skipped", run_id=self.cfg.run_id, step=self.trainer.step))
+        return bool(box[0])
 
     def _commit_failed(self, exc: BaseException) -> None:
         """A step protocol call failed for good: stop training now, not at the next submit."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from services.api import common_pb2
+from services.api import coordinator_pb2 as cpb
 from services.store import open_store
 from services.store.base import FeatureLost
 from tests.trainer.coordinated import (
@@ -114,3 +115,30 @@ def test_stream_reconnects_across_a_coordinator_restart(
             second.stop(grace=0.5)
     assert [s for s, _ in runner.losses] == [1, 2, 3, 4]
     assert any(getattr(r, "action", None) == "stream_reconnect" for r in caplog.records)
+
+
+def test_a_cancelled_run_exports_no_draft(tiny, coordinator, stub, master,
+                                          tmp_path: Path) -> None:
+    run, features = create_run(stub, tiny, N, "cancel", micro_batch=2, accumulation=2,
+                               checkpoint_every=1)
+    writer = open_store(store_url(master, "cancel", segment_mb=64, buffer_mb=16))
+    try:
+        feeder = Feeder(stub, writer, run, features)
+        feeder.feed(N // 2)  # two of four steps: the trainer then waits for data
+        runner = make_runner(coordinator, "cancel", store_url(master, "cancel", buffer_mb=16),
+                             tmp_path / "out", prefetch=1)
+        try:
+            done: list[int] = []
+            thread = threading.Thread(target=lambda: done.append(runner.run()), daemon=True)
+            thread.start()
+            wait_for(lambda: status(stub, "cancel").last_committed_step == 2, what="step 2")
+            stub.CancelRun(cpb.CancelRunRequest(run_id="cancel", reason="test"))
+            thread.join(timeout=120)
+            assert done == [2] and runner.cancelled
+        finally:
+            runner.close()
+        feeder.stop()
+    finally:
+        writer.close()
+    assert not (tmp_path / "out" / "final").exists()
+    assert (tmp_path / "out" / "checkpoints").is_dir()
