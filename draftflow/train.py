@@ -23,7 +23,6 @@ import socket
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,7 +218,7 @@ class _Thread(threading.Thread):
         except BaseException as exc:
             self.error = exc
             log.exception("%s failed", self.name, extra=event("colocated_thread_failed",
-                                                              thread=self.name))
+                                                              thread_name=self.name))
 
 
 def run(opts: TrainOptions) -> int:
@@ -294,7 +293,9 @@ def _train(opts: TrainOptions, config: Path, work: Path, db: Path, console: Cons
     console.print(f"run [bold]{run_id}[/]: {run_obj.num_prompts} prompts x {cfg.epochs} epochs, "
                   f"{cfg.draft.algorithm or 'eagle3'}, colocated on {opts.device}")
 
-    store_url = f"memory://colocated-{uuid.uuid4().hex[:8]}"
+    # One store id for every process of this run: keys a killed process wrote are then
+    # simply missing here (lost, captured again), as with a restarted Mooncake.
+    store_url = "memory://colocated"
     store = open_store(store_url)
     with console.status("loading the target and building the draft"):
         engine = HFEngine(EngineConfig(
