@@ -22,6 +22,8 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from trainer.strategies.layers import MLP, RMSNorm
+
 _ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
 
 
@@ -84,20 +86,6 @@ class Eagle3Config:
         )
 
 
-class RMSNorm(nn.Module):
-    """Llama RMSNorm: normalise in float32, scale in the input dtype."""
-
-    def __init__(self, size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
 class TTTAttention(nn.Module):
     """Self-attention over 2H inputs with the training-time-test key cache.
 
@@ -144,19 +132,6 @@ class TTTAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
 
 
-class MLP(nn.Module):
-    """SwiGLU feed-forward, as in Llama."""
-
-    def __init__(self, cfg: Eagle3Config) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Eagle3DecoderLayer(nn.Module):
     """The draft's decoder layer: attention reads the normalised embedding and hidden state."""
 
@@ -166,7 +141,7 @@ class Eagle3DecoderLayer(nn.Module):
         self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = TTTAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(
         self,
