@@ -7,7 +7,6 @@ what they mean. Times come from ``clock`` so tests can move time by hand.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import threading
 import time
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, Engine, Row, func, insert, select, text, update
 from sqlalchemy import delete as sql_delete
+from sqlalchemy.exc import IntegrityError
 
 from coordinator import queries as q
 from coordinator import validate
@@ -27,6 +27,7 @@ from coordinator.errors import (
     NotFound,
     SessionExpired,
     SessionSuperseded,
+    Unavailable,
 )
 from coordinator.schema import (
     BadRowRow,
@@ -60,14 +61,15 @@ RUN_STATES = {
     "ACTIVE": cpb.RUN_STATE_ACTIVE,
     "COMPLETED": cpb.RUN_STATE_COMPLETED,
     "CANCELLED": cpb.RUN_STATE_CANCELLED,
+    "CREATING": cpb.RUN_STATE_CREATING,
 }
 
 
 # Leasing reaps expired work of its run at most this often; the server's reaper thread
 # covers every run on its own schedule.
 REAP_EVERY_SECONDS = 0.5
-INSERT_CHUNK = 10_000
-"""Sample rows inserted per statement when a run is created."""
+INSERT_CHUNK = 5_000
+"""Sample rows inserted per transaction when a run is created."""
 
 
 @dataclass
@@ -171,31 +173,31 @@ class Coordinator:
         with self.engine.begin() as conn:
             row = conn.execute(select(RUNS).where(RUNS.c.run_id == run_id)).first()
             if row is not None:
-                return self._created_before(row, config, vocab, dataset_hash, bad, duplicates)
-            conn.execute(insert(RUNS).values(
-                run_id=run_id, config=config.SerializeToString(),
-                vocab_map=vocab.SerializeToString(), fingerprint=fingerprint,
-                dataset_hash=dataset_hash, state="ACTIVE", state_reason="", created_at=now,
-                num_prompts=len(prompts), num_bad_rows=len(bad), throttled=False,
-                last_committed_step=0, last_checkpoint_step=0, last_checkpoint_uri="",
-                last_step_loss=0.0, final_step=None, dropped_tail=0,
-            ))
-            conn.execute(insert(PromptRow.__table__), [
-                {"run_id": run_id, "prompt_id": pid, "position": i, "conversation": blob}
-                for i, (pid, blob) in enumerate(prompts.items())
-            ])
-            rows = ({"run_id": run_id, "sample_id": sample_id(pid, e), "prompt_id": pid,
-                     "epoch": e, "position": i, "prompt_state": PromptState.PENDING,
-                     "priority": 1, "sample_state": None, "attempts": 0, "losses": 0,
-                     "generation": 0, "reason": "", "nbytes": 0, "num_tokens": 0}
-                    for e in range(config.epochs) for i, pid in enumerate(prompts))
-            # In chunks: memory stays bounded whatever prompts x epochs (up to the limit).
-            while chunk := list(itertools.islice(rows, INSERT_CHUNK)):
-                conn.execute(insert(S), chunk)
-            if bad:
-                conn.execute(insert(BadRowRow.__table__), [
-                    {"run_id": run_id, "line": b.line, "reason": b.reason} for b in bad
+                self._same_as_before(row, config, vocab, dataset_hash)
+                if row.state != "CREATING":
+                    return cpb.CreateRunResponse(run=self._run_proto(row), bad_rows=bad,
+                                                 duplicate_prompts=duplicates)
+            else:
+                conn.execute(insert(RUNS).values(
+                    run_id=run_id, config=config.SerializeToString(),
+                    vocab_map=vocab.SerializeToString(), fingerprint=fingerprint,
+                    dataset_hash=dataset_hash, state="CREATING", state_reason="",
+                    created_at=now, num_prompts=len(prompts), num_bad_rows=len(bad),
+                    throttled=False, last_committed_step=0, last_checkpoint_step=0,
+                    last_checkpoint_uri="", last_step_loss=0.0, final_step=None, dropped_tail=0,
+                ))
+                conn.execute(insert(PromptRow.__table__), [
+                    {"run_id": run_id, "prompt_id": pid, "position": i, "conversation": blob}
+                    for i, (pid, blob) in enumerate(prompts.items())
                 ])
+                if bad:
+                    conn.execute(insert(BadRowRow.__table__), [
+                        {"run_id": run_id, "line": b.line, "reason": b.reason} for b in bad
+                    ])
+        self._fill_samples(run_id, config.epochs)
+        with self.engine.begin() as conn:
+            conn.execute(update(RUNS).where(RUNS.c.run_id == run_id, RUNS.c.state == "CREATING")
+                         .values(state="ACTIVE"))
             run = self._run_proto(self._run_row(conn, run_id))
         if self.engine.dialect.name == "postgresql":
             # Fresh statistics, so the planner uses the indexes from the first lease on.
@@ -206,9 +208,49 @@ class Coordinator:
                                               prompts=len(prompts), bad_rows=len(bad)))
         return cpb.CreateRunResponse(run=run, bad_rows=bad, duplicate_prompts=duplicates)
 
-    def _created_before(self, row: Row, config: run_pb2.RunConfig, vocab: run_pb2.VocabMap,
-                        dataset_hash: str, bad: list[cpb.BadRow], duplicates: int
-                        ) -> cpb.CreateRunResponse:
+    def _fill_samples(self, run_id: str, epochs: int) -> None:
+        """Insert the run's samples (every prompt, epoch by epoch), ``INSERT_CHUNK`` rows per
+        transaction, from where an earlier, interrupted creation stopped.
+
+        Short transactions keep the database's write lock (SQLite) free for other runs'
+        workers between chunks; memory stays bounded whatever prompts x epochs.
+        """
+        with self.engine.connect() as conn:
+            pids = list(conn.execute(select(PromptRow.prompt_id).where(
+                PromptRow.run_id == run_id).order_by(PromptRow.position)).scalars())
+        total = len(pids) * epochs
+        done = -1
+        while True:
+            try:
+                with self.engine.begin() as conn:
+                    state = conn.execute(select(RUNS.c.state).where(RUNS.c.run_id == run_id)
+                                         .with_for_update()).scalar_one()
+                    if state != "CREATING":
+                        return  # another creator finished it, or it was cancelled
+                    if done < 0:
+                        done = conn.execute(select(func.count()).select_from(S).where(
+                            S.c.run_id == run_id)).scalar_one()
+                    if done >= total:
+                        return
+                    end = min(done + INSERT_CHUNK, total)
+                    self._insert_samples(conn, [
+                        {"run_id": run_id, "sample_id": sample_id(pids[i % len(pids)],
+                                                                  i // len(pids)),
+                         "prompt_id": pids[i % len(pids)], "epoch": i // len(pids),
+                         "position": i % len(pids), "prompt_state": PromptState.PENDING,
+                         "priority": 1, "sample_state": None, "attempts": 0, "losses": 0,
+                         "generation": 0, "reason": "", "nbytes": 0, "num_tokens": 0}
+                        for i in range(done, end)])
+                done = end
+            except IntegrityError:
+                done = -1  # a concurrent creator of the same run got there first: recount
+
+    @staticmethod
+    def _insert_samples(conn: Connection, rows: list[dict[str, object]]) -> None:
+        conn.execute(insert(S), rows)
+
+    def _same_as_before(self, row: Row, config: run_pb2.RunConfig, vocab: run_pb2.VocabMap,
+                        dataset_hash: str) -> None:
         """Creating an existing run again is a no-op when nothing differs; else say what."""
         differ = validate.config_differences(self._config(row), config)
         old_vocab = run_pb2.VocabMap()
@@ -220,8 +262,6 @@ class Coordinator:
             raise AlreadyExists(
                 f"run {row.run_id!r} exists with a different {', '.join(differ)}; pick another "
                 "run_id, or create it again with the same config and dataset")
-        return cpb.CreateRunResponse(run=self._run_proto(row), bad_rows=bad,
-                                     duplicate_prompts=duplicates)
 
     def get_run(self, run_id: str) -> cpb.Run:
         validate.run_id(run_id)
@@ -237,7 +277,7 @@ class Coordinator:
         validate.run_id(run_id)
         with self.engine.begin() as conn:
             row = self._run_row(conn, run_id)
-            if row.state == "ACTIVE":
+            if row.state in ("ACTIVE", "CREATING"):
                 conn.execute(update(RUNS).where(RUNS.c.run_id == run_id).values(
                     state="CANCELLED", state_reason=reason or "cancelled"))
             row = self._run_row(conn, run_id)
@@ -270,6 +310,8 @@ class Coordinator:
             row = self._run_row(conn, run_id)
             if row.state == "CANCELLED":
                 raise FailedPrecondition(f"run {run_id!r} is cancelled: {row.state_reason}")
+            if row.state == "CREATING":
+                raise Unavailable(f"run {run_id!r} is still being created; retry shortly")
             if fingerprint != row.fingerprint:
                 raise FailedPrecondition(
                     f"fingerprint mismatch for run {run_id!r}: worker has {fingerprint}, run has "

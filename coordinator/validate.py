@@ -239,7 +239,7 @@ def ref_mismatch(ref: common_pb2.SampleRef, cfg: run_pb2.RunConfig) -> str | Non
 
 MAX_EPOCHS = 1000
 MAX_SAMPLES_PER_RUN = 2_000_000
-"""Prompts x epochs: every sample row is created with the run, in one transaction."""
+"""Prompts x epochs: every sample row is created with the run (in short transactions)."""
 MAX_LENGTH = 1 << 20
 MAX_TTT_LENGTH = 64
 

@@ -114,7 +114,10 @@ class CoordinatorSession:
         """Register as a trainer; a refusal (fingerprint, cancelled run) raises
         ``RegistrationRefused``."""
         self._fingerprint = fingerprint
-        resp = self._register(self.stub.RegisterWorker)
+        # UNAVAILABLE: the coordinator restarts, or the run is still being created.
+        resp = call_retrying("RegisterWorker", self._register, self.stub.RegisterWorker,
+                             give_up=self._stop.is_set, wait=self._stop.wait, logger=log,
+                             run_id=self.run_id)
         interval = resp.heartbeat_interval_seconds or 1.0
         self._heartbeat = threading.Thread(target=self._beat, args=(interval,),
                                            name="trainer-heartbeat", daemon=True)

@@ -18,6 +18,7 @@ class RunState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RUN_STATE_ACTIVE: _ClassVar[RunState]
     RUN_STATE_COMPLETED: _ClassVar[RunState]
     RUN_STATE_CANCELLED: _ClassVar[RunState]
+    RUN_STATE_CREATING: _ClassVar[RunState]
 
 class CommitStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -35,6 +36,7 @@ RUN_STATE_UNSPECIFIED: RunState
 RUN_STATE_ACTIVE: RunState
 RUN_STATE_COMPLETED: RunState
 RUN_STATE_CANCELLED: RunState
+RUN_STATE_CREATING: RunState
 COMMIT_STATUS_UNSPECIFIED: CommitStatus
 COMMIT_STATUS_ACCEPTED: CommitStatus
 COMMIT_STATUS_DUPLICATE: CommitStatus

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import text
 
-from coordinator import db
+from coordinator import db, manager
 from coordinator.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -13,6 +13,7 @@ from coordinator.errors import (
     NotFound,
     SessionExpired,
     SessionSuperseded,
+    Unavailable,
 )
 from coordinator.manager import Coordinator
 from services.api import common_pb2, run_pb2
@@ -722,3 +723,38 @@ def test_an_expired_group_registers_again_unless_a_newer_group_took_over(
         group_rank(coord, cfg, "g1", 0)
     with pytest.raises(SessionSuperseded):
         coord.heartbeat(again)
+
+
+def test_a_run_is_created_in_short_transactions_and_an_interrupted_creation_resumes(
+        coord: Coordinator, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(manager, "INSERT_CHUNK", 3)
+    inserted: list[int] = []
+    real = Coordinator._insert_samples
+
+    def insert_then_die(conn, rows):  # type: ignore[no-untyped-def]
+        if len(inserted) == 2:
+            raise ConnectionError("the coordinator died mid-creation")
+        real(conn, rows)
+        inserted.append(len(rows))
+
+    monkeypatch.setattr(Coordinator, "_insert_samples", staticmethod(insert_then_die))
+    cfg = h.run_config(epochs=2)
+    with pytest.raises(ConnectionError):
+        coord.create_run("r1", cfg, h.dataset(5), h.vocab_map())
+    # Two chunks committed, each in its own transaction; the run is not yet workable.
+    assert inserted == [3, 3]
+    assert coord.get_run("r1").state == cpb.RUN_STATE_CREATING
+    assert sum(coord.run_status("r1").prompts.values()) == 6
+    with pytest.raises(Unavailable, match="run 'r1' is still being created; retry shortly"):
+        producer(coord, cfg)
+    with pytest.raises(AlreadyExists, match=r"different config\.epochs"):
+        coord.create_run("r1", h.run_config(epochs=3), h.dataset(5), h.vocab_map())
+
+    # Created again with the same config and dataset: it resumes where it stopped.
+    monkeypatch.setattr(Coordinator, "_insert_samples", staticmethod(real))
+    resp = coord.create_run("r1", cfg, h.dataset(5), h.vocab_map())
+    assert resp.run.state == cpb.RUN_STATE_ACTIVE
+    leases = coord.lease_prompts(producer(coord, cfg), 100).leases
+    assert sorted((le.epoch, le.prompt_id) for le in leases) == sorted(
+        {(e, le.prompt_id) for le in leases for e in (0, 1)})
+    assert len(leases) == len({le.sample_id for le in leases}) == 10
