@@ -114,6 +114,11 @@ def _train(args: argparse.Namespace) -> int:
         signal.signal(sig, on_signal)
     try:
         step = runner.run()
+    except RegistrationRefused as exc:
+        # Registering again after the session expired: a newer group took over, or the run
+        # was cancelled meanwhile.
+        raise SystemExit(f"draftflow trainer: rank {runner.dist.rank}: the coordinator "
+                         f"refused: {exc}") from None
     except grpc.RpcError as exc:
         if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
             raise
