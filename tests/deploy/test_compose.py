@@ -22,18 +22,22 @@ from typing import Any
 import pytest
 import yaml
 
+from draftflow.run_cli import run_model_path
 from services.config import load_run_config
 from services.store.factory import mooncake_config
 from services.store.mooncake_proc import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
+DOTENV = ROOT / ".env"
 DOCS = ROOT / "docs" / "multinode.md"
 PROFILES = (None, "cpu", "gpu")
 GPU_SERVICES = {"producer", "trainer"}
 CPU_SERVICES = {"producer-cpu", "trainer-cpu"}
-BASE_SERVICES = {"postgres", "coordinator", "mooncake-master", "tiny-target", "run-create"}
-ONE_SHOTS = {"tiny-target", "run-create"}
+BASE_SERVICES = {"token", "postgres", "coordinator", "mooncake-master", "tiny-target",
+                 "run-create"}
+ONE_SHOTS = {"token", "tiny-target", "run-create"}
+TOKEN_FILE = "/run/draftflow/token"
 # Variables that change what the tests check; cleared so the file's defaults are what is tested.
 _VARS = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)")
 
@@ -52,7 +56,6 @@ def _compose_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not (k.startswith("DRAFTFLOW_") or k.startswith("POSTGRES_")
                    or k.startswith("COMPOSE_"))}
-    env["DRAFTFLOW_TOKEN"] = "test-token"
     env.update(extra)
     return env
 
@@ -75,12 +78,22 @@ def _resolved(profile: str | None, env: tuple[tuple[str, str], ...]) -> dict[str
     done = _run_config(profile, _compose_env(**dict(env)))
     assert done.returncode == 0, f"docker-compose config failed:\n{done.stderr}"
     config = yaml.safe_load(done.stdout)
-    active = {"" if profile is None else profile}
+    active = {profile} if profile else active_profiles(dict(env))
     config["services"] = {
         name: svc for name, svc in config["services"].items()
         if not svc.get("profiles") or active & set(svc["profiles"])
     }
     return config
+
+
+def active_profiles(env: dict[str, str]) -> set[str]:
+    """Profiles compose enables without --profile: COMPOSE_PROFILES from the environment, else
+    from the .env file beside compose.yaml."""
+    if env.get("COMPOSE_PROFILES"):
+        return set(env["COMPOSE_PROFILES"].split(","))
+    dotenv = dict(line.split("=", 1) for line in DOTENV.read_text().splitlines()
+                  if line.strip() and not line.startswith("#"))
+    return set(dotenv.get("COMPOSE_PROFILES", "").split(",")) - {""}
 
 
 def published(service: dict[str, Any]) -> list[tuple[str, int, int]]:
@@ -106,16 +119,26 @@ def _flag(command: list[str], name: str) -> str:
 @pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p or "default")
 def test_config_validates_for_each_profile(profile: str | None) -> None:
     services = set(resolved(profile)["services"])
-    expected = BASE_SERVICES | {"cpu": CPU_SERVICES, "gpu": GPU_SERVICES}.get(profile or "", set())
+    # Plain `docker compose up` is the CPU stack; the GPU profile replaces its roles.
+    expected = BASE_SERVICES | {"gpu": GPU_SERVICES}.get(profile or "", CPU_SERVICES)
     assert services == expected
 
 
-def test_missing_token_is_refused_with_the_fix() -> None:
-    env = _compose_env()
-    del env["DRAFTFLOW_TOKEN"]
-    done = _run_config(None, env)
-    assert done.returncode != 0
-    assert "set DRAFTFLOW_TOKEN in .env or the environment" in done.stderr
+def test_compose_profiles_in_the_environment_switches_to_gpu() -> None:
+    assert set(resolved(None, COMPOSE_PROFILES="gpu")["services"]) == BASE_SERVICES | GPU_SERVICES
+
+
+def test_no_token_is_needed_and_a_given_one_reaches_the_token_service() -> None:
+    services = resolved(None)["services"]
+    assert services["token"]["environment"]["DRAFTFLOW_TOKEN"] == ""
+    assert resolved(None, DRAFTFLOW_TOKEN="mine")["services"]["token"]["environment"] == {
+        "DRAFTFLOW_TOKEN": "mine"}
+    command = services["token"]["command"]
+    assert command == ["python", "-m", "draftflow.token_file", TOKEN_FILE]
+    assert ("token", str(Path(TOKEN_FILE).parent)) in [
+        _mount(m) for m in services["token"]["volumes"]]
+    deps = services["coordinator"]["depends_on"]
+    assert deps["token"]["condition"] == "service_completed_successfully"
 
 
 # --- network exposure ---------------------------------------------------------------------------
@@ -183,6 +206,21 @@ def test_grpc_roles_probe_their_own_listen_port(profile: str) -> None:
 
 
 @pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_healthcheck_timeouts_leave_headroom(profile: str) -> None:
+    for name, svc in resolved(profile)["services"].items():
+        check = svc.get("healthcheck")
+        if check and check["test"][:2] == ["CMD", "draftflow"]:
+            # `draftflow health` takes well under a second; a busy 2-core box may take several.
+            assert _seconds(check["timeout"]) >= 10, name
+
+
+def _seconds(duration: str) -> float:
+    match = re.fullmatch(r"(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?", duration)
+    assert match and duration, duration
+    return int(match.group(1) or 0) * 60 + float(match.group(2) or 0)
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
 def test_workers_start_after_the_run_exists(profile: str) -> None:
     services = resolved(profile)["services"]
     for name in CPU_SERVICES if profile == "cpu" else GPU_SERVICES:
@@ -239,12 +277,25 @@ def _mount(m: Any) -> tuple[str, str]:
 @pytest.mark.parametrize("profile", ["cpu", "gpu"])
 def test_roles_share_one_token_and_coordinator(profile: str) -> None:
     services = resolved(profile, DRAFTFLOW_TOKEN="abc123")["services"]
-    users = {n: s["environment"] for n, s in services.items()
-             if n not in ("postgres", "mooncake-master", "tiny-target")}
-    for name, env in users.items():
-        assert env["DRAFTFLOW_TOKEN"] == "abc123", name
+    users = {n: s for n, s in services.items()
+             if n not in ("postgres", "mooncake-master", "tiny-target", "token")}
+    assert users
+    for name, svc in users.items():
+        env = svc["environment"]
+        # The token reaches the roles only through the token service's file.
+        assert "DRAFTFLOW_TOKEN" not in env, name
+        assert env["DRAFTFLOW_TOKEN_FILE"] == TOKEN_FILE, name
+        assert ("token", str(Path(TOKEN_FILE).parent)) in [_mount(m) for m in svc["volumes"]]
         assert env["DRAFTFLOW_COORDINATOR"] == "coordinator:50051", name
         assert env["DRAFTFLOW_RUN"] == "tiny", name
+
+
+def test_cpu_roles_split_the_cores_between_them() -> None:
+    services = resolved("cpu")["services"]
+    for name in CPU_SERVICES:
+        assert services[name]["environment"]["DRAFTFLOW_CPU_PROCESSES"] == str(len(CPU_SERVICES))
+    for name in BASE_SERVICES:
+        assert "DRAFTFLOW_CPU_PROCESSES" not in (services[name].get("environment") or {}), name
 
 
 def test_coordinator_database_url_matches_the_postgres_service() -> None:
@@ -333,9 +384,18 @@ def test_tiny_target_service_builds_the_model_tiny_yaml_names(tmp_path: Path) ->
     assert any(_mount(m)[1] == "/app/.draftflow" for m in services["tiny-target"]["volumes"])
     for name in ("run-create", *CPU_SERVICES):
         assert ("workdir", "/app/.draftflow") in [_mount(m) for m in services[name]["volumes"]]
+    # The workers' side: run-create (working directory /app) records the path relative to the
+    # config file, which is where the workers' volume holds the target.
+    assert services["run-create"]["command"][-1] == "examples/tiny.yaml"
+    recorded = run_model_path("/app/examples/tiny.yaml", cfg.target.model_path)
+    assert recorded == built_at[0]
+    for name in CPU_SERVICES:
+        mounts = [_mount(m) for m in services[name]["volumes"]]
+        assert any(recorded.startswith(target + "/") for _, target in mounts), name
     # The same command, aimed at a temporary directory, builds a loadable model directory.
     script = command[2].replace(built_at[0], str(tmp_path / "tiny-target"))
-    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=300,
+    env = {**os.environ, **services["tiny-target"].get("environment", {})}
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, check=True, timeout=600,
                    capture_output=True)
     assert (tmp_path / "tiny-target" / "config.json").is_file()
     assert (tmp_path / "tiny-target" / "tokenizer.json").is_file()
@@ -407,6 +467,7 @@ def test_mooncake_master_command_and_healthcheck_work() -> None:
     script = probe[3].replace("127.0.0.1:9003", f"127.0.0.1:{ports['--metrics_port']}")
     assert script != probe[3]
     master = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    started = time.monotonic()
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -419,6 +480,9 @@ def test_mooncake_master_command_and_healthcheck_work() -> None:
             time.sleep(0.2)
         with urllib.request.urlopen(f"http://127.0.0.1:{ports['--metrics_port']}/health") as r:
             assert b'"status":"ok"' in r.read()
+        # The master would log its metrics every 10 s: past that, the log has none.
+        time.sleep(max(0.0, started + 11.0 - time.monotonic()))
     finally:
         master.terminate()
-        master.wait(timeout=30)
+        log = master.communicate(timeout=30)[1]
+    assert "Master Admin Metrics" not in log
