@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install DraftFlow with what its tests need.
 #   scripts/setup.sh          the product (draftflow up)
-#   scripts/setup.sh --test   plus test tools, PostgreSQL driver, grpcurl, docker-compose
+#   scripts/setup.sh --test   plus test tools, PostgreSQL driver, grpcurl, and a Docker engine
+#                             with docker-compose for the compose end-to-end test
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -15,6 +16,9 @@ for lib in libibverbs.so.1:libibverbs1 libnuma.so.1:libnuma1 libcurl.so.4:libcur
   ldconfig -p | grep -q "${lib%%:*} " || need_apt+=("${lib#*:}")
 done
 if [ $want_test = 1 ]; then
+  # The engine: a local dockerd (the test starts it when it is not running), or any engine
+  # the docker client already reaches.
+  command -v dockerd >/dev/null || docker info >/dev/null 2>&1 || need_apt+=(docker.io)
   command -v docker-compose >/dev/null || need_apt+=(docker-compose)
   command -v ip >/dev/null || need_apt+=(iproute2)
 fi
