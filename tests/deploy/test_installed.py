@@ -3,6 +3,7 @@ current directory, never into the package or a source checkout."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -40,8 +41,13 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A venv holding draftflow's wheel; its dependencies come from this interpreter's
     site-packages (a .pth line), so nothing is downloaded."""
     tmp = tmp_path_factory.mktemp("installed")
+    # Built from a copy: an in-tree build leaves build/ and *.egg-info in the checkout.
+    src = tmp / "src"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", ".cache", ".draftflow", "build", "dist", "*.egg-info", "__pycache__",
+        ".*_cache", "tests", "bench", "models"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", str(ROOT), "-w", str(tmp / "dist")],
+                    "--no-build-isolation", str(src), "-w", str(tmp / "dist")],
                    check=True, timeout=300, capture_output=True, cwd=tmp)
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
