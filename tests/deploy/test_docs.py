@@ -43,3 +43,27 @@ def test_example_commands_use_the_documented_run_ids() -> None:
         run_id = yaml.safe_load((ROOT / "examples" / name).read_text())["run_id"]
         assert f"examples/{name}" in guide
         assert f"DRAFTFLOW_RUN={run_id}" in guide
+
+
+_COMPOSE_SERVICE_USES = re.compile(
+    r"docker compose (?:exec (?:-T )?|cp |logs |restart |up -d --build (?:[a-z-]+ )*)([a-z-]+)")
+
+
+@pytest.mark.parametrize("doc", [ROOT / "README.md", ROOT / "docs/multinode.md"],
+                         ids=lambda p: p.name)
+def test_compose_commands_name_services_that_exist(doc: Path) -> None:
+    services = set(yaml.safe_load((ROOT / "compose.yaml").read_text())["services"])
+    text = doc.read_text()
+    named = set(_COMPOSE_SERVICE_USES.findall(text))
+    named |= {m for group in re.findall(r"docker compose up -d --build ([a-z -]+)", text)
+              for m in group.split()}
+    assert named, f"{doc.name} shows no compose command naming a service"
+    assert named <= services, f"{doc.name} names services compose.yaml lacks: {named - services}"
+
+
+def test_docs_show_the_command_that_prints_the_token() -> None:
+    command = "docker compose exec -T coordinator cat /run/draftflow/token"
+    for doc in (ROOT / "README.md", ROOT / "docs/multinode.md"):
+        assert command in doc.read_text(), doc.name
+    token_service = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]["token"]
+    assert token_service["command"][-1] == "/run/draftflow/token"
