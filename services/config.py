@@ -184,6 +184,39 @@ class WatermarkSection(_Section):
         return self
 
 
+class RegenerateSection(_Section):
+    """Regenerate every assistant turn with the target before capture (system and user turns
+    are kept), so the draft learns what the target says rather than what the dataset says."""
+
+    mode: Literal["greedy", "sample"] = "greedy"
+    """greedy: the target's most likely continuation; sample: draw with temperature/top_p/top_k."""
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
+    """Sampling temperature; sample mode only."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass; 1 disables it. Sample mode only."""
+    top_k: int = Field(0, ge=0)
+    """Sample among the k most likely tokens; 0 disables it. Sample mode only."""
+    max_new_tokens: int = Field(512, gt=0)
+    """Most tokens generated per assistant turn (the capture's max_length also bounds them)."""
+    seed: int = Field(0, ge=0, lt=2**63)
+    """Sampling seed; with the prompt (and the epoch when per_epoch) it fixes every response,
+    so a restarted producer or a recapture generates the same tokens."""
+    per_epoch: bool = False
+    """Regenerate every epoch (fresh responses each pass); false: the same ones every epoch."""
+    on_truncation: Literal["keep", "drop"] = "keep"
+    """A turn that hits max_new_tokens: keep it as generated, or drop the sample (it goes DEAD
+    with the reason and is counted in the producer's status)."""
+
+    @model_validator(mode="after")
+    def _sampling_fields_need_sample(self) -> RegenerateSection:
+        if self.mode == "greedy":
+            wrong = sorted({"temperature", "top_p", "top_k"} & self.model_fields_set)
+            if wrong:
+                raise ValueError(f"regenerate.{wrong[0]} applies to mode: sample only; "
+                                 "set mode: sample or remove it")
+        return self
+
+
 class RunConfigFile(_Section):
     """A run as people write it in YAML."""
 
@@ -202,6 +235,9 @@ class RunConfigFile(_Section):
     training: TrainingSection = TrainingSection()
     lease: LeaseSection = LeaseSection()
     watermark: WatermarkSection = WatermarkSection()
+    regenerate: RegenerateSection | None = None
+    """Regenerate assistant turns with the target before capture; omitted: train on the
+    dataset's own answers."""
 
     @model_validator(mode="after")
     def _capture_fits_algorithm(self) -> RunConfigFile:
@@ -301,7 +337,15 @@ def to_proto(cfg: RunConfigFile, *, num_layers: int, hidden_size: int, vocab_siz
             run_pb2.RETAIN_POLICY_STEP if cfg.retain == "step" else run_pb2.RETAIN_POLICY_CHECKPOINT
         ),
         dataset_name=Path(cfg.dataset).name,
+        regenerate=regenerate_proto(cfg.regenerate),
     )
+
+
+def regenerate_proto(section: RegenerateSection | None) -> run_pb2.RegenerateConfig | None:
+    """The wire ``RegenerateConfig``; None (the field stays unset) when regeneration is off."""
+    if section is None:
+        return None
+    return run_pb2.RegenerateConfig(**section.model_dump())
 
 
 def default_aux_layers(num_layers: int) -> list[int]:

@@ -15,7 +15,8 @@ def vocab_map_hash(d2t: list[int], draft_token_ids: list[int]) -> str:
 
 
 def run_fingerprint(config: run_pb2.RunConfig, vocab_hash: str) -> str:
-    """Target revision, capture layers, max length, chat template, tokenizer and vocab map."""
+    """Target revision, capture layers, max length, chat template, tokenizer, vocab map, and
+    the generation settings of a run that regenerates its answers."""
     material = {
         "revision": config.target.revision,
         "aux_layer_ids": list(config.capture.aux_layer_ids),
@@ -27,4 +28,9 @@ def run_fingerprint(config: run_pb2.RunConfig, vocab_hash: str) -> str:
     if config.draft.algorithm not in ("", "eagle3"):
         # The algorithm decides which tensors a sample holds (see services.capture).
         material["algorithm"] = config.draft.algorithm
+    if config.HasField("regenerate"):
+        # Regenerated runs capture the target's answers, not the dataset's.
+        r = config.regenerate
+        material["regenerate"] = [r.mode, r.temperature, r.top_p, r.top_k, r.max_new_tokens,
+                                  r.seed, r.per_epoch, r.on_truncation]
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]

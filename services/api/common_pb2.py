@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64raftflow/v1/common.proto\x12\x0c\x64raftflow.v1\"|\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.draftflow.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\x12\x0b\n\x03key\x18\x05 \x01(\t\x12\x10\n\x08\x63hecksum\x18\x06 \x01(\x04\"\xd1\x02\n\tSampleRef\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tsample_id\x18\x02 \x01(\t\x12\x11\n\tprompt_id\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x05\x12\x12\n\ngeneration\x18\x05 \x01(\x05\x12\r\n\x05store\x18\x06 \x01(\t\x12)\n\x07tensors\x18\x07 \x03(\x0b\x32\x18.draftflow.v1.TensorSpec\x12\x12\n\nnum_tokens\x18\x08 \x01(\x05\x12\x13\n\x0bproducer_id\x18\t \x01(\t\x12/\n\x04meta\x18\n \x03(\x0b\x32!.draftflow.v1.SampleRef.MetaEntry\x12*\n\x07\x63\x61pture\x18\x0b \x01(\x0b\x32\x19.draftflow.v1.CapturePlan\x1a+\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\x0b\x43\x61pturePlan\x12\x11\n\tlayer_ids\x18\x01 \x03(\x05\x12\x15\n\rlayers_tensor\x18\x02 \x01(\t\x12\x14\n\x0c\x66inal_hidden\x18\x03 \x01(\x08*\x9b\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0e\n\nDTYPE_BOOL\x10\x06\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x07*\\\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x18\n\x14WORKER_ROLE_PRODUCER\x10\x01\x12\x17\n\x13WORKER_ROLE_TRAINER\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64raftflow/v1/common.proto\x12\x0c\x64raftflow.v1\"|\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.draftflow.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\x12\x0b\n\x03key\x18\x05 \x01(\t\x12\x10\n\x08\x63hecksum\x18\x06 \x01(\x04\"\x81\x03\n\tSampleRef\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tsample_id\x18\x02 \x01(\t\x12\x11\n\tprompt_id\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x05\x12\x12\n\ngeneration\x18\x05 \x01(\x05\x12\r\n\x05store\x18\x06 \x01(\t\x12)\n\x07tensors\x18\x07 \x03(\x0b\x32\x18.draftflow.v1.TensorSpec\x12\x12\n\nnum_tokens\x18\x08 \x01(\x05\x12\x13\n\x0bproducer_id\x18\t \x01(\t\x12/\n\x04meta\x18\n \x03(\x0b\x32!.draftflow.v1.SampleRef.MetaEntry\x12*\n\x07\x63\x61pture\x18\x0b \x01(\x0b\x32\x19.draftflow.v1.CapturePlan\x12.\n\tgenerated\x18\x0c \x03(\x0b\x32\x1b.draftflow.v1.GeneratedTurn\x1a+\n\tMetaEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"5\n\rGeneratedTurn\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"M\n\x0b\x43\x61pturePlan\x12\x11\n\tlayer_ids\x18\x01 \x03(\x05\x12\x15\n\rlayers_tensor\x18\x02 \x01(\t\x12\x14\n\x0c\x66inal_hidden\x18\x03 \x01(\x08*\x9b\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0e\n\nDTYPE_BOOL\x10\x06\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x07*\\\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x18\n\x14WORKER_ROLE_PRODUCER\x10\x01\x12\x17\n\x13WORKER_ROLE_TRAINER\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,16 +33,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLEREF_METAENTRY']._loaded_options = None
   _globals['_SAMPLEREF_METAENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=589
-  _globals['_DTYPE']._serialized_end=744
-  _globals['_WORKERROLE']._serialized_start=746
-  _globals['_WORKERROLE']._serialized_end=838
+  _globals['_DTYPE']._serialized_start=692
+  _globals['_DTYPE']._serialized_end=847
+  _globals['_WORKERROLE']._serialized_start=849
+  _globals['_WORKERROLE']._serialized_end=941
   _globals['_TENSORSPEC']._serialized_start=43
   _globals['_TENSORSPEC']._serialized_end=167
   _globals['_SAMPLEREF']._serialized_start=170
-  _globals['_SAMPLEREF']._serialized_end=507
-  _globals['_SAMPLEREF_METAENTRY']._serialized_start=464
-  _globals['_SAMPLEREF_METAENTRY']._serialized_end=507
-  _globals['_CAPTUREPLAN']._serialized_start=509
-  _globals['_CAPTUREPLAN']._serialized_end=586
+  _globals['_SAMPLEREF']._serialized_end=555
+  _globals['_SAMPLEREF_METAENTRY']._serialized_start=512
+  _globals['_SAMPLEREF_METAENTRY']._serialized_end=555
+  _globals['_GENERATEDTURN']._serialized_start=557
+  _globals['_GENERATEDTURN']._serialized_end=610
+  _globals['_CAPTUREPLAN']._serialized_start=612
+  _globals['_CAPTUREPLAN']._serialized_end=689
 # @@protoc_insertion_point(module_scope)

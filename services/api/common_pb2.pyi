@@ -52,7 +52,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., key: _Optional[str] = ..., checksum: _Optional[int] = ...) -> None: ...
 
 class SampleRef(_message.Message):
-    __slots__ = ("run_id", "sample_id", "prompt_id", "epoch", "generation", "store", "tensors", "num_tokens", "producer_id", "meta", "capture")
+    __slots__ = ("run_id", "sample_id", "prompt_id", "epoch", "generation", "store", "tensors", "num_tokens", "producer_id", "meta", "capture", "generated")
     class MetaEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class SampleRef(_message.Message):
     PRODUCER_ID_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
     CAPTURE_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     sample_id: str
     prompt_id: str
@@ -82,7 +83,16 @@ class SampleRef(_message.Message):
     producer_id: str
     meta: _containers.ScalarMap[str, str]
     capture: CapturePlan
-    def __init__(self, run_id: _Optional[str] = ..., sample_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., epoch: _Optional[int] = ..., generation: _Optional[int] = ..., store: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., num_tokens: _Optional[int] = ..., producer_id: _Optional[str] = ..., meta: _Optional[_Mapping[str, str]] = ..., capture: _Optional[_Union[CapturePlan, _Mapping]] = ...) -> None: ...
+    generated: _containers.RepeatedCompositeFieldContainer[GeneratedTurn]
+    def __init__(self, run_id: _Optional[str] = ..., sample_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., epoch: _Optional[int] = ..., generation: _Optional[int] = ..., store: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., num_tokens: _Optional[int] = ..., producer_id: _Optional[str] = ..., meta: _Optional[_Mapping[str, str]] = ..., capture: _Optional[_Union[CapturePlan, _Mapping]] = ..., generated: _Optional[_Iterable[_Union[GeneratedTurn, _Mapping]]] = ...) -> None: ...
+
+class GeneratedTurn(_message.Message):
+    __slots__ = ("token_ids", "truncated")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    truncated: bool
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., truncated: _Optional[bool] = ...) -> None: ...
 
 class CapturePlan(_message.Message):
     __slots__ = ("layer_ids", "layers_tensor", "final_hidden")

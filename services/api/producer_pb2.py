@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64raftflow/v1/producer.proto\x12\x0c\x64raftflow.v1\"\x1a\n\x18ProducerGetStatusRequest\"\x8c\x02\n\x19ProducerGetStatusResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x1a\n\x12samples_per_second\x18\x05 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x06 \x01(\x01\x12\x11\n\tin_flight\x18\x07 \x01(\x03\x12\x19\n\x11samples_committed\x18\x08 \x01(\x03\x12\x16\n\x0eprompts_failed\x18\t \x01(\x03\x12\x1c\n\x14\x65ngine_busy_fraction\x18\n \x01(\x01\x12\x10\n\x08\x64raining\x18\x0b \x01(\x08\"\x16\n\x14ProducerDrainRequest\")\n\x15ProducerDrainResponse\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\x32\xc1\x01\n\x0fProducerService\x12\\\n\tGetStatus\x12&.draftflow.v1.ProducerGetStatusRequest\x1a\'.draftflow.v1.ProducerGetStatusResponse\x12P\n\x05\x44rain\x12\".draftflow.v1.ProducerDrainRequest\x1a#.draftflow.v1.ProducerDrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64raftflow/v1/producer.proto\x12\x0c\x64raftflow.v1\"\x1a\n\x18ProducerGetStatusRequest\"\x9b\x03\n\x19ProducerGetStatusResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x1a\n\x12samples_per_second\x18\x05 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x06 \x01(\x01\x12\x11\n\tin_flight\x18\x07 \x01(\x03\x12\x19\n\x11samples_committed\x18\x08 \x01(\x03\x12\x16\n\x0eprompts_failed\x18\t \x01(\x03\x12\x1c\n\x14\x65ngine_busy_fraction\x18\n \x01(\x01\x12\x10\n\x08\x64raining\x18\x0b \x01(\x08\x12\x17\n\x0fturns_generated\x18\x0c \x01(\x03\x12\x17\n\x0fturns_truncated\x18\r \x01(\x03\x12!\n\x19samples_dropped_truncated\x18\x0e \x01(\x03\x12\x18\n\x10tokens_generated\x18\x0f \x01(\x03\x12\x1e\n\x16generate_busy_fraction\x18\x10 \x01(\x01\"\x16\n\x14ProducerDrainRequest\")\n\x15ProducerDrainResponse\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\x32\xc1\x01\n\x0fProducerService\x12\\\n\tGetStatus\x12&.draftflow.v1.ProducerGetStatusRequest\x1a\'.draftflow.v1.ProducerGetStatusResponse\x12P\n\x05\x44rain\x12\".draftflow.v1.ProducerDrainRequest\x1a#.draftflow.v1.ProducerDrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,11 +34,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PRODUCERGETSTATUSREQUEST']._serialized_start=45
   _globals['_PRODUCERGETSTATUSREQUEST']._serialized_end=71
   _globals['_PRODUCERGETSTATUSRESPONSE']._serialized_start=74
-  _globals['_PRODUCERGETSTATUSRESPONSE']._serialized_end=342
-  _globals['_PRODUCERDRAINREQUEST']._serialized_start=344
-  _globals['_PRODUCERDRAINREQUEST']._serialized_end=366
-  _globals['_PRODUCERDRAINRESPONSE']._serialized_start=368
-  _globals['_PRODUCERDRAINRESPONSE']._serialized_end=409
-  _globals['_PRODUCERSERVICE']._serialized_start=412
-  _globals['_PRODUCERSERVICE']._serialized_end=605
+  _globals['_PRODUCERGETSTATUSRESPONSE']._serialized_end=485
+  _globals['_PRODUCERDRAINREQUEST']._serialized_start=487
+  _globals['_PRODUCERDRAINREQUEST']._serialized_end=509
+  _globals['_PRODUCERDRAINRESPONSE']._serialized_start=511
+  _globals['_PRODUCERDRAINRESPONSE']._serialized_end=552
+  _globals['_PRODUCERSERVICE']._serialized_start=555
+  _globals['_PRODUCERSERVICE']._serialized_end=748
 # @@protoc_insertion_point(module_scope)

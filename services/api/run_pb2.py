@@ -24,39 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64raftflow/v1/run.proto\x12\x0c\x64raftflow.v1\"\x97\x03\n\tRunConfig\x12*\n\x06target\x18\x01 \x01(\x0b\x32\x1a.draftflow.v1.TargetConfig\x12,\n\x07\x63\x61pture\x18\x02 \x01(\x0b\x32\x1b.draftflow.v1.CaptureConfig\x12(\n\x05\x64raft\x18\x03 \x01(\x0b\x32\x19.draftflow.v1.DraftConfig\x12(\n\x04step\x18\x04 \x01(\x0b\x32\x1a.draftflow.v1.StepGeometry\x12.\n\x08training\x18\x05 \x01(\x0b\x32\x1c.draftflow.v1.TrainingConfig\x12(\n\x05lease\x18\x06 \x01(\x0b\x32\x19.draftflow.v1.LeaseConfig\x12\x30\n\twatermark\x18\x07 \x01(\x0b\x32\x1d.draftflow.v1.WatermarkConfig\x12\x0e\n\x06\x65pochs\x18\x08 \x01(\x05\x12*\n\x06retain\x18\t \x01(\x0e\x32\x1a.draftflow.v1.RetainPolicy\x12\x14\n\x0c\x64\x61taset_name\x18\n \x01(\t\"\x89\x01\n\x0cTargetConfig\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x16\n\x0etokenizer_hash\x18\x06 \x01(\t\"Q\n\rCaptureConfig\x12\x15\n\raux_layer_ids\x18\x01 \x03(\x05\x12\x12\n\nmax_length\x18\x02 \x01(\x05\x12\x15\n\rchat_template\x18\x03 \x01(\t\"\xa6\x01\n\x0b\x44raftConfig\x12\x11\n\talgorithm\x18\x01 \x01(\t\x12\x18\n\x10\x64raft_vocab_size\x18\x02 \x01(\x05\x12\x12\n\nttt_length\x18\x03 \x01(\x05\x12*\n\x06\x64\x66lash\x18\x04 \x01(\x0b\x32\x1a.draftflow.v1.DFlashConfig\x12*\n\x06\x64omino\x18\x05 \x01(\x0b\x32\x1a.draftflow.v1.DominoConfig\"\xeb\x01\n\x0c\x44\x46lashConfig\x12\x19\n\x11num_hidden_layers\x18\x01 \x01(\x05\x12\x12\n\nblock_size\x18\x02 \x01(\x05\x12\x13\n\x0bnum_anchors\x18\x03 \x01(\x05\x12\x18\n\x10loss_decay_gamma\x18\x04 \x01(\x01\x12\x15\n\rmask_token_id\x18\x05 \x01(\x03\x12\x13\n\x0blayer_types\x18\x06 \x03(\t\x12\x16\n\x0esliding_window\x18\x07 \x01(\x05\x12\x19\n\x11\x61ttention_backend\x18\x08 \x01(\t\x12\x1e\n\x16objective_chunk_blocks\x18\t \x01(\x05\"\xa7\x01\n\x0c\x44ominoConfig\x12\x0f\n\x07\x65mb_dim\x18\x01 \x01(\x05\x12\x16\n\x0egru_hidden_dim\x18\x02 \x01(\x05\x12\x13\n\x0bshift_label\x18\x03 \x01(\x08\x12\x1d\n\x15pure_draft_prefix_len\x18\x04 \x01(\x05\x12\x19\n\x11lambda_base_start\x18\x05 \x01(\x01\x12\x1f\n\x17lambda_base_decay_ratio\x18\x06 \x01(\x01\"M\n\x0cStepGeometry\x12\x12\n\nworld_size\x18\x01 \x01(\x05\x12\x13\n\x0bmicro_batch\x18\x02 \x01(\x05\x12\x14\n\x0c\x61\x63\x63umulation\x18\x03 \x01(\x05\"\x91\x01\n\x0eTrainingConfig\x12\x15\n\rlearning_rate\x18\x01 \x01(\x01\x12\x14\n\x0cwarmup_steps\x18\x02 \x01(\x05\x12\x18\n\x10\x63heckpoint_every\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x05\x12\x15\n\rmax_grad_norm\x18\x05 \x01(\x01\x12\x13\n\x0btotal_steps\x18\x06 \x01(\x05\"\x87\x01\n\x0bLeaseConfig\x12\x15\n\rlease_seconds\x18\x01 \x01(\x01\x12\x19\n\x11heartbeat_seconds\x18\x02 \x01(\x01\x12\x18\n\x10heartbeat_misses\x18\x03 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x04 \x01(\x05\x12\x16\n\x0emax_deliveries\x18\x05 \x01(\x05\"\x80\x01\n\x0fWatermarkConfig\x12\x14\n\x0chigh_samples\x18\x01 \x01(\x03\x12\x13\n\x0blow_samples\x18\x02 \x01(\x03\x12\x12\n\nhigh_bytes\x18\x03 \x01(\x03\x12\x11\n\tlow_bytes\x18\x04 \x01(\x03\x12\x1b\n\x13retry_after_seconds\x18\x05 \x01(\x01\">\n\x08VocabMap\x12\x0b\n\x03\x64\x32t\x18\x01 \x03(\x03\x12\x17\n\x0f\x64raft_token_ids\x18\x02 \x03(\x03\x12\x0c\n\x04hash\x18\x03 \x01(\t\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"7\n\x0c\x43onversation\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.draftflow.v1.Message*c\n\x0cRetainPolicy\x12\x1d\n\x19RETAIN_POLICY_UNSPECIFIED\x10\x00\x12\x16\n\x12RETAIN_POLICY_STEP\x10\x01\x12\x1c\n\x18RETAIN_POLICY_CHECKPOINT\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64raftflow/v1/run.proto\x12\x0c\x64raftflow.v1\"\xcb\x03\n\tRunConfig\x12*\n\x06target\x18\x01 \x01(\x0b\x32\x1a.draftflow.v1.TargetConfig\x12,\n\x07\x63\x61pture\x18\x02 \x01(\x0b\x32\x1b.draftflow.v1.CaptureConfig\x12(\n\x05\x64raft\x18\x03 \x01(\x0b\x32\x19.draftflow.v1.DraftConfig\x12(\n\x04step\x18\x04 \x01(\x0b\x32\x1a.draftflow.v1.StepGeometry\x12.\n\x08training\x18\x05 \x01(\x0b\x32\x1c.draftflow.v1.TrainingConfig\x12(\n\x05lease\x18\x06 \x01(\x0b\x32\x19.draftflow.v1.LeaseConfig\x12\x30\n\twatermark\x18\x07 \x01(\x0b\x32\x1d.draftflow.v1.WatermarkConfig\x12\x0e\n\x06\x65pochs\x18\x08 \x01(\x05\x12*\n\x06retain\x18\t \x01(\x0e\x32\x1a.draftflow.v1.RetainPolicy\x12\x14\n\x0c\x64\x61taset_name\x18\n \x01(\t\x12\x32\n\nregenerate\x18\x0b \x01(\x0b\x32\x1e.draftflow.v1.RegenerateConfig\"\xa3\x01\n\x10RegenerateConfig\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\x11\n\tper_epoch\x18\x07 \x01(\x08\x12\x15\n\ron_truncation\x18\x08 \x01(\t\"\x89\x01\n\x0cTargetConfig\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x16\n\x0etokenizer_hash\x18\x06 \x01(\t\"Q\n\rCaptureConfig\x12\x15\n\raux_layer_ids\x18\x01 \x03(\x05\x12\x12\n\nmax_length\x18\x02 \x01(\x05\x12\x15\n\rchat_template\x18\x03 \x01(\t\"\xa6\x01\n\x0b\x44raftConfig\x12\x11\n\talgorithm\x18\x01 \x01(\t\x12\x18\n\x10\x64raft_vocab_size\x18\x02 \x01(\x05\x12\x12\n\nttt_length\x18\x03 \x01(\x05\x12*\n\x06\x64\x66lash\x18\x04 \x01(\x0b\x32\x1a.draftflow.v1.DFlashConfig\x12*\n\x06\x64omino\x18\x05 \x01(\x0b\x32\x1a.draftflow.v1.DominoConfig\"\xeb\x01\n\x0c\x44\x46lashConfig\x12\x19\n\x11num_hidden_layers\x18\x01 \x01(\x05\x12\x12\n\nblock_size\x18\x02 \x01(\x05\x12\x13\n\x0bnum_anchors\x18\x03 \x01(\x05\x12\x18\n\x10loss_decay_gamma\x18\x04 \x01(\x01\x12\x15\n\rmask_token_id\x18\x05 \x01(\x03\x12\x13\n\x0blayer_types\x18\x06 \x03(\t\x12\x16\n\x0esliding_window\x18\x07 \x01(\x05\x12\x19\n\x11\x61ttention_backend\x18\x08 \x01(\t\x12\x1e\n\x16objective_chunk_blocks\x18\t \x01(\x05\"\xa7\x01\n\x0c\x44ominoConfig\x12\x0f\n\x07\x65mb_dim\x18\x01 \x01(\x05\x12\x16\n\x0egru_hidden_dim\x18\x02 \x01(\x05\x12\x13\n\x0bshift_label\x18\x03 \x01(\x08\x12\x1d\n\x15pure_draft_prefix_len\x18\x04 \x01(\x05\x12\x19\n\x11lambda_base_start\x18\x05 \x01(\x01\x12\x1f\n\x17lambda_base_decay_ratio\x18\x06 \x01(\x01\"M\n\x0cStepGeometry\x12\x12\n\nworld_size\x18\x01 \x01(\x05\x12\x13\n\x0bmicro_batch\x18\x02 \x01(\x05\x12\x14\n\x0c\x61\x63\x63umulation\x18\x03 \x01(\x05\"\x91\x01\n\x0eTrainingConfig\x12\x15\n\rlearning_rate\x18\x01 \x01(\x01\x12\x14\n\x0cwarmup_steps\x18\x02 \x01(\x05\x12\x18\n\x10\x63heckpoint_every\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x05\x12\x15\n\rmax_grad_norm\x18\x05 \x01(\x01\x12\x13\n\x0btotal_steps\x18\x06 \x01(\x05\"\x87\x01\n\x0bLeaseConfig\x12\x15\n\rlease_seconds\x18\x01 \x01(\x01\x12\x19\n\x11heartbeat_seconds\x18\x02 \x01(\x01\x12\x18\n\x10heartbeat_misses\x18\x03 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x04 \x01(\x05\x12\x16\n\x0emax_deliveries\x18\x05 \x01(\x05\"\x80\x01\n\x0fWatermarkConfig\x12\x14\n\x0chigh_samples\x18\x01 \x01(\x03\x12\x13\n\x0blow_samples\x18\x02 \x01(\x03\x12\x12\n\nhigh_bytes\x18\x03 \x01(\x03\x12\x11\n\tlow_bytes\x18\x04 \x01(\x03\x12\x1b\n\x13retry_after_seconds\x18\x05 \x01(\x01\">\n\x08VocabMap\x12\x0b\n\x03\x64\x32t\x18\x01 \x03(\x03\x12\x17\n\x0f\x64raft_token_ids\x18\x02 \x03(\x03\x12\x0c\n\x04hash\x18\x03 \x01(\t\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"7\n\x0c\x43onversation\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.draftflow.v1.Message*c\n\x0cRetainPolicy\x12\x1d\n\x19RETAIN_POLICY_UNSPECIFIED\x10\x00\x12\x16\n\x12RETAIN_POLICY_STEP\x10\x01\x12\x1c\n\x18RETAIN_POLICY_CHECKPOINT\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'draftflow.v1.run_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RETAINPOLICY']._serialized_start=1909
-  _globals['_RETAINPOLICY']._serialized_end=2008
+  _globals['_RETAINPOLICY']._serialized_start=2127
+  _globals['_RETAINPOLICY']._serialized_end=2226
   _globals['_RUNCONFIG']._serialized_start=41
-  _globals['_RUNCONFIG']._serialized_end=448
-  _globals['_TARGETCONFIG']._serialized_start=451
-  _globals['_TARGETCONFIG']._serialized_end=588
-  _globals['_CAPTURECONFIG']._serialized_start=590
-  _globals['_CAPTURECONFIG']._serialized_end=671
-  _globals['_DRAFTCONFIG']._serialized_start=674
-  _globals['_DRAFTCONFIG']._serialized_end=840
-  _globals['_DFLASHCONFIG']._serialized_start=843
-  _globals['_DFLASHCONFIG']._serialized_end=1078
-  _globals['_DOMINOCONFIG']._serialized_start=1081
-  _globals['_DOMINOCONFIG']._serialized_end=1248
-  _globals['_STEPGEOMETRY']._serialized_start=1250
-  _globals['_STEPGEOMETRY']._serialized_end=1327
-  _globals['_TRAININGCONFIG']._serialized_start=1330
-  _globals['_TRAININGCONFIG']._serialized_end=1475
-  _globals['_LEASECONFIG']._serialized_start=1478
-  _globals['_LEASECONFIG']._serialized_end=1613
-  _globals['_WATERMARKCONFIG']._serialized_start=1616
-  _globals['_WATERMARKCONFIG']._serialized_end=1744
-  _globals['_VOCABMAP']._serialized_start=1746
-  _globals['_VOCABMAP']._serialized_end=1808
-  _globals['_MESSAGE']._serialized_start=1810
-  _globals['_MESSAGE']._serialized_end=1850
-  _globals['_CONVERSATION']._serialized_start=1852
-  _globals['_CONVERSATION']._serialized_end=1907
+  _globals['_RUNCONFIG']._serialized_end=500
+  _globals['_REGENERATECONFIG']._serialized_start=503
+  _globals['_REGENERATECONFIG']._serialized_end=666
+  _globals['_TARGETCONFIG']._serialized_start=669
+  _globals['_TARGETCONFIG']._serialized_end=806
+  _globals['_CAPTURECONFIG']._serialized_start=808
+  _globals['_CAPTURECONFIG']._serialized_end=889
+  _globals['_DRAFTCONFIG']._serialized_start=892
+  _globals['_DRAFTCONFIG']._serialized_end=1058
+  _globals['_DFLASHCONFIG']._serialized_start=1061
+  _globals['_DFLASHCONFIG']._serialized_end=1296
+  _globals['_DOMINOCONFIG']._serialized_start=1299
+  _globals['_DOMINOCONFIG']._serialized_end=1466
+  _globals['_STEPGEOMETRY']._serialized_start=1468
+  _globals['_STEPGEOMETRY']._serialized_end=1545
+  _globals['_TRAININGCONFIG']._serialized_start=1548
+  _globals['_TRAININGCONFIG']._serialized_end=1693
+  _globals['_LEASECONFIG']._serialized_start=1696
+  _globals['_LEASECONFIG']._serialized_end=1831
+  _globals['_WATERMARKCONFIG']._serialized_start=1834
+  _globals['_WATERMARKCONFIG']._serialized_end=1962
+  _globals['_VOCABMAP']._serialized_start=1964
+  _globals['_VOCABMAP']._serialized_end=2026
+  _globals['_MESSAGE']._serialized_start=2028
+  _globals['_MESSAGE']._serialized_end=2068
+  _globals['_CONVERSATION']._serialized_start=2070
+  _globals['_CONVERSATION']._serialized_end=2125
 # @@protoc_insertion_point(module_scope)

@@ -17,7 +17,7 @@ RETAIN_POLICY_STEP: RetainPolicy
 RETAIN_POLICY_CHECKPOINT: RetainPolicy
 
 class RunConfig(_message.Message):
-    __slots__ = ("target", "capture", "draft", "step", "training", "lease", "watermark", "epochs", "retain", "dataset_name")
+    __slots__ = ("target", "capture", "draft", "step", "training", "lease", "watermark", "epochs", "retain", "dataset_name", "regenerate")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     CAPTURE_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class RunConfig(_message.Message):
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     RETAIN_FIELD_NUMBER: _ClassVar[int]
     DATASET_NAME_FIELD_NUMBER: _ClassVar[int]
+    REGENERATE_FIELD_NUMBER: _ClassVar[int]
     target: TargetConfig
     capture: CaptureConfig
     draft: DraftConfig
@@ -38,7 +39,28 @@ class RunConfig(_message.Message):
     epochs: int
     retain: RetainPolicy
     dataset_name: str
-    def __init__(self, target: _Optional[_Union[TargetConfig, _Mapping]] = ..., capture: _Optional[_Union[CaptureConfig, _Mapping]] = ..., draft: _Optional[_Union[DraftConfig, _Mapping]] = ..., step: _Optional[_Union[StepGeometry, _Mapping]] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ..., lease: _Optional[_Union[LeaseConfig, _Mapping]] = ..., watermark: _Optional[_Union[WatermarkConfig, _Mapping]] = ..., epochs: _Optional[int] = ..., retain: _Optional[_Union[RetainPolicy, str]] = ..., dataset_name: _Optional[str] = ...) -> None: ...
+    regenerate: RegenerateConfig
+    def __init__(self, target: _Optional[_Union[TargetConfig, _Mapping]] = ..., capture: _Optional[_Union[CaptureConfig, _Mapping]] = ..., draft: _Optional[_Union[DraftConfig, _Mapping]] = ..., step: _Optional[_Union[StepGeometry, _Mapping]] = ..., training: _Optional[_Union[TrainingConfig, _Mapping]] = ..., lease: _Optional[_Union[LeaseConfig, _Mapping]] = ..., watermark: _Optional[_Union[WatermarkConfig, _Mapping]] = ..., epochs: _Optional[int] = ..., retain: _Optional[_Union[RetainPolicy, str]] = ..., dataset_name: _Optional[str] = ..., regenerate: _Optional[_Union[RegenerateConfig, _Mapping]] = ...) -> None: ...
+
+class RegenerateConfig(_message.Message):
+    __slots__ = ("mode", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "per_epoch", "on_truncation")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    PER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ON_TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    mode: str
+    temperature: float
+    top_p: float
+    top_k: int
+    max_new_tokens: int
+    seed: int
+    per_epoch: bool
+    on_truncation: str
+    def __init__(self, mode: _Optional[str] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., per_epoch: _Optional[bool] = ..., on_truncation: _Optional[str] = ...) -> None: ...
 
 class TargetConfig(_message.Message):
     __slots__ = ("model_path", "revision", "num_layers", "hidden_size", "vocab_size", "tokenizer_hash")
