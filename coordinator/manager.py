@@ -11,15 +11,15 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, Engine, Row, func, insert, select, text, update
 from sqlalchemy import delete as sql_delete
 from sqlalchemy.exc import IntegrityError
 
+from coordinator import history, validate
 from coordinator import queries as q
-from coordinator import validate
 from coordinator.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -554,6 +554,7 @@ class Coordinator:
                         f"from_step {from_step}: steps up to {last} are committed; resume from "
                         f"the last checkpoint (from_step={ckpt + 1}) or continue at {last + 1}")
                 q.rollback_to(conn, sess.run_id, ckpt)
+                history.forget_after(conn, sess.run_id, ckpt)
                 log.warning("rolled back to checkpoint", extra=event(
                     "rollback", run_id=sess.run_id, checkpoint_step=ckpt, last_committed=last))
             else:
@@ -619,7 +620,10 @@ class Coordinator:
                 S.c.run_id == run_id, S.c.step == step, S.c.slot >= lo, S.c.slot < hi)
             .order_by(S.c.slot)).all())
 
-    def commit_step(self, session_id: str, step: int, loss: float) -> list[common_pb2.SampleRef]:
+    def commit_step(self, session_id: str, step: int, loss: float,
+                    metrics: Mapping[str, float] | None = None) -> list[common_pb2.SampleRef]:
+        """Mark ``step`` trained and record its metrics (``loss`` among them) in the history."""
+        history.metric_names(list(metrics or ()), "metrics")
         now = self.clock()
         with self.engine.begin() as conn:
             sess = self._session(conn, session_id, "TRAINER")
@@ -650,6 +654,7 @@ class Coordinator:
                          .values(committed_at=now, loss=loss))
             conn.execute(update(RUNS).where(RUNS.c.run_id == sess.run_id).values(
                 last_committed_step=step, last_step_loss=loss))
+            history.record(conn, sess.run_id, step, now, {"loss": loss, **(metrics or {})})
             self._maybe_complete(conn, sess.run_id)
             retire = (q.trained_refs(conn, sess.run_id, step, step)
                       if sess.config.retain == run_pb2.RETAIN_POLICY_STEP else [])
@@ -740,6 +745,12 @@ class Coordinator:
         with self.engine.connect() as conn:
             run = self._run_row(conn, run_id)
             return q.status(conn, run, self._config(run), now, RUN_STATES[run.state])
+
+    def run_history(self, request: cpb.GetRunHistoryRequest) -> cpb.GetRunHistoryResponse:
+        validate.run_id(request.run_id)
+        with self.engine.connect() as conn:
+            self._run_row(conn, request.run_id)  # NOT_FOUND for an unknown run
+            return history.page(conn, request.run_id, request)
 
     # ------------------------------------------------------------- reaping
 
@@ -897,6 +908,7 @@ class Coordinator:
     def delete_run(self, run_id: str) -> None:
         """Remove a run and everything it owns (used by tests and `run delete`)."""
         with self.engine.begin() as conn:
+            history.forget_run(conn, run_id)
             for table in (S, PromptRow.__table__, SESSIONS, STEPS, CheckpointRow.__table__,
                           BadRowRow.__table__):
                 conn.execute(sql_delete(table).where(table.c.run_id == run_id))

@@ -167,3 +167,20 @@ class CheckpointRow(Base):
     step: Mapped[int] = mapped_column(Integer, primary_key=True)
     uri: Mapped[str] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class StepMetricsRow(Base):
+    """The run's history: the metrics of one committed step (see ``history`` for thinning).
+
+    A step committed again after a rollback replaces its row, so each step appears once.
+    """
+
+    __tablename__ = "step_metrics"
+
+    run_id: Mapped[str] = mapped_column(
+        ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True
+    )
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    committed_at: Mapped[float] = mapped_column(Float)
+    metrics: Mapped[bytes] = mapped_column(LargeBinary)
+    """Serialized ``StepRecord`` holding only ``metrics`` (a double keeps NaN and infinities)."""

@@ -119,7 +119,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def CommitStep(self, request: cpb.CommitStepRequest, context: grpc.ServicerContext
                    ) -> cpb.CommitStepResponse:
         return cpb.CommitStepResponse(
-            retire=self.c.commit_step(request.session_id, request.step, request.loss))
+            retire=self.c.commit_step(request.session_id, request.step, request.loss,
+                                      dict(request.metrics)))
 
     def CommitCheckpoint(self, request: cpb.CommitCheckpointRequest,
                          context: grpc.ServicerContext) -> cpb.CommitCheckpointResponse:
@@ -140,6 +141,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def GetRunStatus(self, request: cpb.GetRunStatusRequest, context: grpc.ServicerContext
                      ) -> cpb.GetRunStatusResponse:
         return cpb.GetRunStatusResponse(status=self.c.run_status(request.run_id))
+
+    def GetRunHistory(self, request: cpb.GetRunHistoryRequest, context: grpc.ServicerContext
+                      ) -> cpb.GetRunHistoryResponse:
+        return self.c.run_history(request)
 
     def WatchRunStatus(self, request: cpb.WatchRunStatusRequest, context: grpc.ServicerContext
                        ) -> Iterator[cpb.WatchRunStatusResponse]:

@@ -348,14 +348,23 @@ class StreamStepsResponse(_message.Message):
     def __init__(self, step: _Optional[int] = ..., refs: _Optional[_Iterable[_Union[_common_pb2.SampleRef, _Mapping]]] = ..., end_of_data: _Optional[bool] = ..., tail: _Optional[_Union[TailState, str]] = ..., dropped_samples: _Optional[int] = ...) -> None: ...
 
 class CommitStepRequest(_message.Message):
-    __slots__ = ("session_id", "step", "loss")
+    __slots__ = ("session_id", "step", "loss", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     loss: float
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class CommitStepResponse(_message.Message):
     __slots__ = ("retire",)
@@ -498,3 +507,44 @@ class WatchRunStatusResponse(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     status: RunStatus
     def __init__(self, status: _Optional[_Union[RunStatus, _Mapping]] = ...) -> None: ...
+
+class GetRunHistoryRequest(_message.Message):
+    __slots__ = ("run_id", "from_step", "to_step", "metric_names", "page_size", "page_token")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_STEP_FIELD_NUMBER: _ClassVar[int]
+    TO_STEP_FIELD_NUMBER: _ClassVar[int]
+    METRIC_NAMES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    from_step: int
+    to_step: int
+    metric_names: _containers.RepeatedScalarFieldContainer[str]
+    page_size: int
+    page_token: str
+    def __init__(self, run_id: _Optional[str] = ..., from_step: _Optional[int] = ..., to_step: _Optional[int] = ..., metric_names: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class StepRecord(_message.Message):
+    __slots__ = ("step", "committed_at", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_AT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    committed_at: _timestamp_pb2.Timestamp
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, step: _Optional[int] = ..., committed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class GetRunHistoryResponse(_message.Message):
+    __slots__ = ("records", "next_page_token")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[StepRecord]
+    next_page_token: str
+    def __init__(self, records: _Optional[_Iterable[_Union[StepRecord, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

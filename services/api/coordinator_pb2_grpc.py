@@ -131,6 +131,11 @@ class CoordinatorServiceStub:
                 request_serializer=draftflow_dot_v1_dot_coordinator__pb2.WatchRunStatusRequest.SerializeToString,
                 response_deserializer=draftflow_dot_v1_dot_coordinator__pb2.WatchRunStatusResponse.FromString,
                 _registered_method=True)
+        self.GetRunHistory = channel.unary_unary(
+                '/draftflow.v1.CoordinatorService/GetRunHistory',
+                request_serializer=draftflow_dot_v1_dot_coordinator__pb2.GetRunHistoryRequest.SerializeToString,
+                response_deserializer=draftflow_dot_v1_dot_coordinator__pb2.GetRunHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -258,6 +263,13 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRunHistory(self, request, context):
+        """The metrics of committed steps, in step order, paged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -355,6 +367,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.WatchRunStatus,
                     request_deserializer=draftflow_dot_v1_dot_coordinator__pb2.WatchRunStatusRequest.FromString,
                     response_serializer=draftflow_dot_v1_dot_coordinator__pb2.WatchRunStatusResponse.SerializeToString,
+            ),
+            'GetRunHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRunHistory,
+                    request_deserializer=draftflow_dot_v1_dot_coordinator__pb2.GetRunHistoryRequest.FromString,
+                    response_serializer=draftflow_dot_v1_dot_coordinator__pb2.GetRunHistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -872,6 +889,33 @@ class CoordinatorService:
             '/draftflow.v1.CoordinatorService/WatchRunStatus',
             draftflow_dot_v1_dot_coordinator__pb2.WatchRunStatusRequest.SerializeToString,
             draftflow_dot_v1_dot_coordinator__pb2.WatchRunStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRunHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/draftflow.v1.CoordinatorService/GetRunHistory',
+            draftflow_dot_v1_dot_coordinator__pb2.GetRunHistoryRequest.SerializeToString,
+            draftflow_dot_v1_dot_coordinator__pb2.GetRunHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,
