@@ -78,7 +78,11 @@ class ProducerServicer(producer_pb2_grpc.ProducerServiceServicer):
             tokens_per_second=s.tokens_committed / elapsed,
             in_flight=s.in_flight, samples_committed=s.samples_committed,
             prompts_failed=s.prompts_failed, engine_busy_fraction=s.engine_busy_s / elapsed,
-            draining=p.draining,
+            draining=p.draining, turns_generated=s.turns_generated,
+            turns_truncated=s.turns_truncated,
+            samples_dropped_truncated=s.samples_dropped_truncated,
+            tokens_generated=s.tokens_generated,
+            generate_busy_fraction=s.generate_busy_s / elapsed,
         )
 
     def Drain(self, request: producer_pb2.ProducerDrainRequest,
@@ -105,8 +109,16 @@ class _StatsCollector:
              s.prompts_failed),
             ("draftflow_producer_leases_lost", "Leases that went stale under this producer",
              s.leases_lost),
-            ("draftflow_producer_engine_busy_seconds", "Seconds the engine spent capturing",
-             s.engine_busy_s),
+            ("draftflow_producer_engine_busy_seconds",
+             "Seconds the engine spent generating and capturing", s.engine_busy_s),
+            ("draftflow_producer_generate_seconds", "Seconds the engine spent regenerating",
+             s.generate_busy_s),
+            ("draftflow_producer_tokens_generated", "Tokens of regenerated responses",
+             s.tokens_generated),
+            ("draftflow_producer_turns_generated", "Assistant turns regenerated",
+             s.turns_generated),
+            ("draftflow_producer_turns_truncated",
+             "Regenerated turns that hit max_new_tokens", s.turns_truncated),
         ):
             c = CounterMetricFamily(name, doc, labels=labels)
             c.add_metric(run, value)

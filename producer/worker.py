@@ -29,6 +29,7 @@ from producer.dataprep import PreparedPrompt, PromptError, messages_from_convers
 from producer.dataprep import prepare_prompt as _prepare
 from producer.engines.base import CaptureEngine, EngineError
 from producer.features import sample_features
+from producer.regenerate import Regenerated, regenerate, sample_seed
 from services.api import common_pb2, run_pb2
 from services.api import coordinator_pb2 as cpb
 from services.fingerprint import run_fingerprint
@@ -76,6 +77,7 @@ class _Item:
     prompt: PreparedPrompt | None = None
     features: dict[str, Any] | None = None
     ref: common_pb2.SampleRef | None = None
+    generated: tuple[common_pb2.GeneratedTurn, ...] = ()  # the turns the target regenerated
     stored: tuple[common_pb2.TensorSpec, ...] = ()  # written by an engine that writes itself
 
     def handle(self) -> cpb.LeaseHandle:
@@ -92,7 +94,16 @@ class ProducerStats:
     prompts_failed: int = 0
     leases_lost: int = 0
     engine_busy_s: float = 0.0
+    """Seconds the engine was busy, generating or capturing."""
     in_flight: int = 0
+    generate_busy_s: float = 0.0
+    """Seconds of ``engine_busy_s`` spent regenerating responses."""
+    turns_generated: int = 0
+    tokens_generated: int = 0
+    turns_truncated: int = 0
+    """Regenerated turns that hit max_new_tokens (or the capture length)."""
+    samples_dropped_truncated: int = 0
+    """Samples failed for a truncated turn (regenerate.on_truncation: drop)."""
 
 
 NO_TRAINED_PAIR = ("no two consecutive trained tokens after truncation: a DFlash-family draft "
@@ -142,6 +153,11 @@ class Producer:
         self._heartbeat_s = run.config.lease.heartbeat_seconds
         self._max_length = run.config.capture.max_length
         self._template = run.config.capture.chat_template or None
+        self._regenerate = (run.config.regenerate if run.config.HasField("regenerate")
+                            else None)
+        if self._regenerate is not None and not engine.can_generate:
+            raise EngineError(f"run {run.run_id!r} regenerates its responses, which the "
+                              f"{engine.name} engine cannot do; run the producer with --engine hf")
         self._draining = threading.Event()
         self._stopped = threading.Event()
         self._lock = threading.Lock()
@@ -304,6 +320,10 @@ class Producer:
         """Capture prepared batches until the feeder is done (then True); drained batches are
         still ours, so they are captured too."""
         while (items := self._prepared.get()) is not None:
+            if self._error is None and self._regenerate is not None:
+                items = self._regenerate_items(items)
+            if not items:
+                continue
             if self._error is None:
                 self._capture(items)
             else:
@@ -313,6 +333,8 @@ class Producer:
     def _prepare(self, items: list[_Item]) -> list[_Item]:
         ready: list[_Item] = []
         bad: dict[str, list[_Item]] = {}
+        if self._regenerate is not None:
+            return items  # the capture thread regenerates the answers, then prepares
         for it in items:
             try:
                 it.prompt = _prepare(self._tokenizer,
@@ -325,6 +347,56 @@ class Producer:
                 bad.setdefault(exc.reason, []).append(it)
         for reason, group in bad.items():
             self._fail(group, reason, retryable=False)
+        return ready
+
+    def _regenerate_items(self, items: list[_Item]) -> list[_Item]:
+        """Regenerate each prompt's assistant turns with the engine (on the capture thread: the
+        engine runs one thing at a time); prompts that cannot be regenerated fail."""
+        settings = self._regenerate
+        assert settings is not None
+        ready: list[_Item] = []
+        bad: dict[tuple[str, bool], list[_Item]] = {}
+        start = time.monotonic()
+        try:
+            for it in items:
+                lease = it.lease
+
+                def generate(ids: list[int], n: int, seed: int) -> list[int]:
+                    return self._engine.generate(ids, settings=settings, max_new_tokens=n,
+                                                 seed=seed)
+                try:
+                    out: Regenerated = regenerate(
+                        generate, self._tokenizer,
+                        messages_from_conversation(lease.conversation), settings=settings,
+                        max_length=self._max_length,
+                        seed=sample_seed(settings, lease.prompt_id, lease.epoch),
+                        stop_token_ids=self._engine.stop_token_ids,
+                        chat_template=self._template)
+                    self.stats.turns_generated += len(out.turns)
+                    self.stats.tokens_generated += out.tokens_generated
+                    self.stats.turns_truncated += out.truncated_turns
+                    if out.truncated_turns and settings.on_truncation == "drop":
+                        self.stats.samples_dropped_truncated += 1
+                        raise PromptError(
+                            f"{out.truncated_turns} regenerated turn(s) hit max_new_tokens="
+                            f"{settings.max_new_tokens} (regenerate.on_truncation: drop)")
+                    if (self._engine.plan.needs_supervised_pair
+                            and not _has_trained_pair(out.prompt)):
+                        raise PromptError(NO_TRAINED_PAIR)
+                except PromptError as exc:
+                    bad.setdefault((exc.reason, exc.retryable), []).append(it)
+                    continue
+                except EngineError as exc:
+                    bad.setdefault((f"regeneration failed: {exc}", True), []).append(it)
+                    continue
+                it.prompt, it.generated = out.prompt, out.turns
+                ready.append(it)
+        finally:
+            busy = time.monotonic() - start
+            self.stats.generate_busy_s += busy
+            self.stats.engine_busy_s += busy
+        for (reason, retryable), group in bad.items():
+            self._fail(group, reason, retryable=retryable)
         return ready
 
     def _capture(self, items: list[_Item]) -> None:
@@ -419,7 +491,8 @@ class Producer:
             epoch=lease.epoch, generation=lease.generation, store=self._store.store_id,
             tensors=specs, num_tokens=it.prompt.num_tokens, producer_id=self._cfg.identity,
             capture=self._engine.plan.to_proto(),
-            meta={"engine": self._engine.name, "truncated": str(it.prompt.truncated).lower()})
+            meta={"engine": self._engine.name, "truncated": str(it.prompt.truncated).lower()},
+            generated=it.generated)
         it.features = None  # the store holds its own copy or reference now
         return True
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from services.api import run_pb2
 from services.capture import CapturePlan
 
 
@@ -135,6 +136,40 @@ class CaptureEngine(ABC):
                     f"expected ({n}, {width}) and {want_final}"
                 )
         return results
+
+    @property
+    def can_generate(self) -> bool:
+        """Whether this engine can regenerate responses (``generate``)."""
+        return type(self)._generate is not CaptureEngine._generate
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Token ids that end a generated turn (the target's end-of-sequence ids)."""
+        return []
+
+    def generate(self, input_ids: Sequence[int], *, settings: run_pb2.RegenerateConfig,
+                 max_new_tokens: int, seed: int) -> list[int]:
+        """The target's continuation of ``input_ids``: at most ``max_new_tokens`` new ids, the
+        stop token included when it stopped on one. Sampling is seeded by ``seed`` alone."""
+        if self._closed:
+            raise EngineError(f"{self.name} engine is closed; create a new one")
+        ids = [int(t) for t in input_ids]
+        if not ids:
+            raise EngineError("generate needs at least one input token")
+        if max_new_tokens <= 0:
+            raise EngineError(f"max_new_tokens must be positive, got {max_new_tokens}")
+        if settings.mode not in ("greedy", "sample"):
+            raise EngineError(f"regenerate.mode {settings.mode!r} is unknown; use greedy or sample")
+        new = self._generate(ids, settings, max_new_tokens, seed)
+        if len(new) > max_new_tokens:
+            raise EngineError(f"{self.name} engine generated {len(new)} tokens, more than "
+                              f"max_new_tokens={max_new_tokens}")
+        return new
+
+    def _generate(self, ids: list[int], settings: run_pb2.RegenerateConfig,
+                  max_new_tokens: int, seed: int) -> list[int]:
+        raise EngineError(f"the {self.name} engine cannot regenerate responses; "
+                          "run the producer with --engine hf")
 
     def close(self) -> None:
         """Release the model; further captures are refused. Safe to call twice."""

@@ -105,6 +105,11 @@ class HFEngine(CaptureEngine):
         self._layers = layers
         self._vocab_size = int(model.get_input_embeddings().num_embeddings)
         self._pad_id = int(getattr(text_config, "pad_token_id", None) or 0)
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(text_config, "eos_token_id", None)
+        self._stop_ids = [int(t) for t in ([] if eos is None else
+                                            eos if isinstance(eos, list) else [eos])]
         log.info("capture engine ready", extra=event(
             "engine_ready", engine=self.name, model=str(path), device=str(self._device),
             dtype=str(self._dtype), aux_layer_ids=aux))
@@ -141,6 +146,28 @@ class HFEngine(CaptureEngine):
     def model(self) -> Any:
         """The loaded transformers model (read-only use: parity checks, lm_head for teachers)."""
         return self._model
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return list(self._stop_ids)
+
+    def _generate(self, ids: list[int], settings: Any, max_new_tokens: int,
+                  seed: int) -> list[int]:
+        """One sequence through the target's own ``generate``; the global RNG is forked, so
+        the result depends on ``seed`` alone and nothing else's randomness moves."""
+        sample = settings.mode == "sample"
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=max_new_tokens, do_sample=sample, num_beams=1,
+            eos_token_id=self._stop_ids or None, pad_token_id=self._pad_id,
+            temperature=settings.temperature if sample else None,
+            top_p=settings.top_p if sample else None,
+            top_k=settings.top_k if sample else None)
+        inputs = torch.tensor([ids], dtype=torch.long, device=self._device)
+        devices = [self._device] if self._device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.inference_mode():
+            torch.manual_seed(seed)
+            out = self._model.generate(inputs, attention_mask=torch.ones_like(inputs), **kwargs)
+        return [int(t) for t in out[0, len(ids):].tolist()]
 
     def _capture(self, seqs: list[list[int]]) -> list[CapturedFeatures]:
         results: list[CapturedFeatures | None] = [None] * len(seqs)

@@ -25,7 +25,7 @@ def lines(n: int) -> list[str]:
 
 def create_run(stub: Any, model_dir: Path, dataset: list[str], run_id: str = "r1",
                epochs: int = 1, lease_seconds: float = 30, heartbeat_seconds: float = 1,
-               max_attempts: int = 3) -> cpb.Run:
+               max_attempts: int = 3, regenerate: dict[str, Any] | None = None) -> cpb.Run:
     """Create a run the way `draftflow run create` does: facts from the target, then CreateRun."""
     cfg = RunConfigFile.model_validate({
         "run_id": run_id, "dataset": "conversations.jsonl", "epochs": epochs,
@@ -34,6 +34,7 @@ def create_run(stub: Any, model_dir: Path, dataset: list[str], run_id: str = "r1
         "lease": {"lease_seconds": lease_seconds, "heartbeat_seconds": heartbeat_seconds,
                   "heartbeat_misses": 2, "max_attempts": max_attempts},
         "watermark": {"high_samples": 0, "low_samples": 0},
+        **({} if regenerate is None else {"regenerate": regenerate}),
     })
     facts = describe_run(model_dir, cfg, dataset)
     return stub.CreateRun(cpb.CreateRunRequest(
