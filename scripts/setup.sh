@@ -33,7 +33,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 stamp="$VENV/.draftflow-installed"
-extras="mooncake,postgres"
+extras="mooncake,postgres,tensorboard"
 [ $want_test = 1 ] && extras="test"
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"

@@ -49,6 +49,7 @@ from trainer.parallel import (
 )
 from trainer.session import CoordinatorSession, aux_layer_ids, local_fingerprint
 from trainer.steps import StepBundle
+from trainer.tracking import TensorBoardLog
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +288,9 @@ class CoordinatorRunner:
         self.source: CoordinatorSteps | None = None
         self._steps: _Interruptible | None = None
         self._committer = _Committer(on_error=self._commit_failed)
+        self._tensorboard: TensorBoardLog | None = None
+        self._waited = 0.0
+        """Seconds spent waiting for data up to the last step (per-step data wait is the rise)."""
         self._checkpoint_uri = reg.last_checkpoint_uri
         """URI of the latest checkpoint (what SaveCheckpoint answers)."""
         self._resume(reg.last_checkpoint_step, reg.last_checkpoint_uri)
@@ -357,6 +361,9 @@ class CoordinatorRunner:
         self._steps = _Interruptible(self.source)
         self._started = time.perf_counter()
         self._first_step = self.trainer.step
+        if self.dist.rank == 0:
+            self._tensorboard = TensorBoardLog(self.cfg.out_dir, self._first_step + 1,
+                                               self.cfg.run_id)
         try:
             try:
                 self.trainer.run(self._steps, max_steps=self.cfg.max_steps,
@@ -372,6 +379,8 @@ class CoordinatorRunner:
             self.session.stop_retrying()
             self._committer.close()
             self.source.close()
+            if self._tensorboard is not None:
+                self._tensorboard.close()
             self.status.done = True
             self._fail_requests(RuntimeError("training ended before the checkpoint was taken"))
         if self.dist.rank == 0 and self.status.steps_trained:
@@ -430,7 +439,11 @@ class CoordinatorRunner:
         flags = all_reduce_sum(torch.tensor(asked, device=self.dist.device), self.dist).tolist()
         if self.dist.rank == 0:
             loss = float(metrics["loss"])
-            self._committer.submit(lambda: self._free(self.session.commit_step(step, loss)))
+            recorded = self._step_record(metrics)
+            self._committer.submit(
+                lambda: self._free(self.session.commit_step(step, loss, recorded)))
+            if self._tensorboard is not None:
+                self._tensorboard.log(step, recorded)
         self._update_status(step, metrics)
         if flags[0] > 0 and step > self.status.last_checkpoint_step:
             self._checkpoint()
@@ -438,6 +451,15 @@ class CoordinatorRunner:
             self._committer.submit(self._answer_requests)
         if flags[1] > 0:
             raise _Stop()
+
+    def _step_record(self, metrics: dict[str, float]) -> dict[str, float]:
+        """What a step leaves in the run's history: the strategy's summary and the seconds
+        this step waited for data."""
+        waited = self.source.wait_seconds if self.source is not None else 0.0
+        record = {k: float(v) for k, v in metrics.items()}
+        record["data_wait_seconds"] = waited - self._waited
+        self._waited = waited
+        return record
 
     def stop(self) -> None:
         """Finish the current step, checkpoint and end (every rank stops at the same step)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -248,10 +248,13 @@ class CoordinatorSession:
                     raise
                 self.rejoin(sid)
 
-    def commit_step(self, step: int, loss: float) -> list[common_pb2.SampleRef]:
-        """Mark ``step`` trained; returns the samples whose tensors may now be freed."""
+    def commit_step(self, step: int, loss: float, metrics: Mapping[str, float] | None = None
+                    ) -> list[common_pb2.SampleRef]:
+        """Mark ``step`` trained, recording ``metrics`` in the run's history; returns the
+        samples whose tensors may now be freed."""
         return list(self._retrying("CommitStep", lambda sid: self.stub.CommitStep(
-            cpb.CommitStepRequest(session_id=sid, step=step, loss=loss))).retire)
+            cpb.CommitStepRequest(session_id=sid, step=step, loss=loss,
+                                  metrics=metrics or {}))).retire)
 
     def commit_checkpoint(self, step: int, uri: str) -> list[common_pb2.SampleRef]:
         """Record a durable checkpoint after ``step``; returns samples it lets us free."""
