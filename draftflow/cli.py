@@ -18,6 +18,7 @@ _COMMAND_MODULES = (
     "draftflow.up_cli",
     "draftflow.train_cli",
     "draftflow.run_cli",
+    "draftflow.report_cli",
     "coordinator.cli",
     "producer.cli",
     "trainer.cli",

@@ -31,6 +31,7 @@ from rich.progress import (
 )
 
 from draftflow.paths import DEFAULT_CONFIG, DEFAULT_WORKDIR, EXAMPLES
+from draftflow.report import REPORT_FILE, write_report
 from draftflow.runtime_env import thread_env
 from draftflow.stack import Child, Stack
 from draftflow.up_report import Summary, TrainerWatch, final_figures
@@ -252,6 +253,7 @@ def run(opts: UpOptions) -> int:
                              draft_cfg.algorithm or "eagle3")
         summary.write(out_dir / "summary.json")
         summary.print(console, out_dir)
+        _write_report(stub, run_id, out_dir / REPORT_FILE, console)
         log.debug("up finished", extra=event("up_done", run_id=run_id,
                                             steps=status.last_committed_step))
         return 0
@@ -268,6 +270,18 @@ def run(opts: UpOptions) -> int:
             holder.stop()
         if master is not None:
             master.stop()
+
+
+def _write_report(stub: Any, run_id: str, path: Path, console: Console) -> None:
+    """The run's history as an HTML page; a failure to write it is shown, and the run stands."""
+    try:
+        write_report(stub, run_id, path)
+    except (grpc.RpcError, OSError) as exc:
+        console.print(f"[yellow]report not written:[/] {escape(str(exc))}")
+        log.warning("report not written", extra=event("report_failed", run_id=run_id,
+                                                      error=str(exc)))
+        return
+    console.print(f"report: {path}")
 
 
 def _create_run(stub: Any, config: Path, model_path: Path) -> cpb.Run:
