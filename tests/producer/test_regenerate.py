@@ -215,3 +215,39 @@ def test_truncated_turns_drop_their_sample_when_configured(stub, store, engine,
     assert stats.turns_truncated == 3
     st = status(stub)
     assert st.prompts["DEAD"] == 3
+
+
+def test_a_lost_sample_is_recaptured_on_the_same_tokens(stub, store, engine,
+                                                        llama_dir: Path) -> None:
+    from services.api import common_pb2
+    from services.api import coordinator_pb2 as cpb
+
+    settings = {"mode": "sample", "max_new_tokens": 6, "seed": 4}
+    run = create_run(stub, llama_dir, lines(2), regenerate=settings)
+    make_producer(stub, store, engine, llama_dir, run).run()
+    tid = stub.RegisterWorker(cpb.RegisterWorkerRequest(
+        run_id=run.run_id, role=common_pb2.WORKER_ROLE_TRAINER, fingerprint=run.fingerprint,
+        identity="lost-finder", trainer_group="test")).session_id
+    first = {ref.sample_id: ref for ref, _ in _peek(stub, run, store, tid)}
+    lost = sorted(first)[0]
+    assert stub.ReportLost(cpb.ReportLostRequest(
+        session_id=tid, sample_id=lost, generation=0, reason="test")).recapture
+    stub.UnregisterWorker(cpb.UnregisterWorkerRequest(session_id=tid))
+    # Another producer instance (a restart) recaptures it under the next generation.
+    make_producer(stub, store, engine, llama_dir, run).run()
+    samples = {ref.sample_id: (ref, t) for ref, t in read_all_steps(stub, run, store)}
+    ref, tensors = samples[lost]
+    assert ref.generation == 1
+    assert list(ref.generated) == list(first[lost].generated)
+    assert torch.equal(tensors["input_ids"], store.get_sample(first[lost].tensors)["input_ids"])
+
+
+def _peek(stub, run, store, session_id: str) -> list:
+    """The refs of step 1 as a trainer sees them, without committing the step."""
+    from services.api import coordinator_pb2 as cpb
+
+    stream = stub.StreamSteps(cpb.StreamStepsRequest(session_id=session_id, rank=0,
+                                                     from_step=1, prefetch=1))
+    msg = next(stream)
+    stream.cancel()
+    return [(ref, store.get_sample(ref.tensors)) for ref in msg.refs]
