@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from services.api import coordinator_pb2 as cpb
 from services.store import open_store
 from tests.trainer.coordinated import (
     Feeder,
@@ -22,6 +23,7 @@ from tests.trainer.coordinated import (
     store_url,
     wait_for,
 )
+from tests.trainer.test_tracking import curves as tensorboard_curves
 from trainer import checkpoint as ckpt
 from trainer.strategies.eagle3.export import EXPORTED_NAMES
 
@@ -121,6 +123,13 @@ def test_killed_trainer_resumes_with_exactly_once_effect(
     st = status(stub, "killed")
     assert (st.last_committed_step, st.last_checkpoint_step) == (STEPS, STEPS)
     assert st.last_checkpoint_uri == ckpt.checkpoint_path(out / "checkpoints", STEPS).as_uri()
+
+    # The run's history holds every step once, as the surviving lineage trained it; the
+    # TensorBoard curves under OUT show the same steps.
+    records = stub.GetRunHistory(cpb.GetRunHistoryRequest(run_id="killed")).records
+    assert [r.step for r in records] == list(range(1, STEPS + 1))
+    assert {"loss", "acc_0", "lr", "data_wait_seconds"} <= set(records[-1].metrics)
+    assert [s for s, _ in tensorboard_curves(out)["loss"]] == list(range(1, STEPS + 1))
 
     # The export of the run reloads as the final weights in the export dtype.
     exported = load_file(str(out / "final" / "model.safetensors"))
