@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -74,9 +75,25 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     # Producer side.
     def LeasePrompts(self, request: cpb.LeasePromptsRequest, context: grpc.ServicerContext
                      ) -> cpb.LeasePromptsResponse:
+        # An empty answer is held for up to retry_after and given again as soon as the run
+        # changes (a sample lost, a step committed): an idle producer then recaptures at once
+        # instead of one poll later, so a loss costs a capture, not a poll interval.
+        seen = self.c.changes.version
         res = self.c.lease_prompts(request.session_id, request.max_prompts)
-        return cpb.LeasePromptsResponse(leases=res.leases, retry_after_seconds=res.retry_after,
-                                        exhausted=res.exhausted, run_ended=res.run_ended)
+        deadline = time.monotonic() + res.retry_after
+        while not res.leases and not res.run_ended and context.is_active():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            now_seen = self.c.changes.wait(seen, remaining)
+            if now_seen == seen:
+                break
+            seen = now_seen
+            res = self.c.lease_prompts(request.session_id, request.max_prompts)
+        waited = not res.leases and not res.run_ended
+        return cpb.LeasePromptsResponse(
+            leases=res.leases, retry_after_seconds=0.0 if waited else res.retry_after,
+            exhausted=res.exhausted, run_ended=res.run_ended)
 
     def ExtendLeases(self, request: cpb.ExtendLeasesRequest, context: grpc.ServicerContext
                      ) -> cpb.ExtendLeasesResponse:

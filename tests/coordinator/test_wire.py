@@ -66,6 +66,36 @@ def test_full_protocol_over_grpc(stub: coordinator_pb2_grpc.CoordinatorServiceSt
     assert status.samples["TRAINED"] == 4 and status.last_committed_step == 2
 
 
+def test_an_idle_producer_is_answered_as_soon_as_a_sample_is_lost(
+        stub: coordinator_pb2_grpc.CoordinatorServiceStub) -> None:
+    """With nothing to capture, LeasePrompts holds its empty answer (up to retry_after) and
+    hands out a lost sample's recapture the moment it is reported, not one poll later."""
+    config = h.run_config(micro=2)
+    config.watermark.retry_after_seconds = 60.0
+    stub.CreateRun(cpb.CreateRunRequest(run_id="r1", config=config, dataset_lines=h.dataset(2),
+                                        vocab_map=h.vocab_map()))
+    pid = register(stub, config, common_pb2.WORKER_ROLE_PRODUCER)
+    leases = stub.LeasePrompts(cpb.LeasePromptsRequest(session_id=pid, max_prompts=8)).leases
+    stub.CommitSamples(cpb.CommitSamplesRequest(
+        session_id=pid, samples=[h.commit(le, "r1") for le in leases]))
+    tid = register(stub, config, common_pb2.WORKER_ROLE_TRAINER)
+    stream = stub.StreamSteps(cpb.StreamStepsRequest(session_id=tid, rank=0, from_step=1,
+                                                     prefetch=1))
+    lost = next(iter(stream)).refs[0]
+    answer: dict[str, cpb.LeasePromptsResponse] = {}
+    waiting = threading.Thread(target=lambda: answer.update(reply=stub.LeasePrompts(
+        cpb.LeasePromptsRequest(session_id=pid, max_prompts=8), timeout=120)))
+    waiting.start()
+    time.sleep(0.5)
+    assert waiting.is_alive(), answer  # every prompt is captured: the answer is held
+    stub.ReportLost(cpb.ReportLostRequest(session_id=tid, sample_id=lost.sample_id,
+                                          generation=lost.generation, reason="test"))
+    waiting.join(timeout=60)
+    stream.cancel()
+    reply = answer["reply"]
+    assert [(le.sample_id, le.generation) for le in reply.leases] == [(lost.sample_id, 1)]
+
+
 def test_errors_map_to_status_codes_with_messages(
         stub: coordinator_pb2_grpc.CoordinatorServiceStub) -> None:
     with pytest.raises(grpc.RpcError) as err:
