@@ -427,6 +427,11 @@ class Coordinator:
                     PromptRow.run_id == sess.run_id,
                     PromptRow.prompt_id.in_({r.prompt_id for r in rows}))
             ).all())
+            # A recapture after a loss trains on the tokens generated for the lost capture.
+            again = [r.id for r in rows if r.generation > 0]
+            previous = dict(conn.execute(
+                select(S.c.id, S.c.ref).where(S.c.id.in_(again), S.c.ref.is_not(None))
+            ).all()) if again else {}
         leases = []
         for r in sorted(rows, key=lambda r: (r.epoch, r.position)):
             lease = cpb.PromptLease(
@@ -435,6 +440,8 @@ class Coordinator:
             )
             lease.deadline.FromNanoseconds(int((now + cfg.lease.lease_seconds) * 1e9))
             lease.conversation.ParseFromString(convs[r.prompt_id])
+            if r.id in previous:
+                lease.generated.extend(common_pb2.SampleRef.FromString(previous[r.id]).generated)
             leases.append(lease)
         return LeaseResult(leases)
 

@@ -371,10 +371,11 @@ class Producer:
                         max_length=self._max_length,
                         seed=sample_seed(settings, lease.prompt_id, lease.epoch),
                         stop_token_ids=self._engine.stop_token_ids,
-                        chat_template=self._template)
-                    self.stats.turns_generated += len(out.turns)
-                    self.stats.tokens_generated += out.tokens_generated
-                    self.stats.turns_truncated += out.truncated_turns
+                        chat_template=self._template, given=lease.generated)
+                    if not out.reused:
+                        self.stats.turns_generated += len(out.turns)
+                        self.stats.tokens_generated += out.tokens_generated
+                        self.stats.turns_truncated += out.truncated_turns
                     if out.truncated_turns and settings.on_truncation == "drop":
                         self.stats.samples_dropped_truncated += 1
                         raise PromptError(

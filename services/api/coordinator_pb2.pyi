@@ -208,7 +208,7 @@ class UnregisterWorkerResponse(_message.Message):
     def __init__(self, released_leases: _Optional[int] = ...) -> None: ...
 
 class PromptLease(_message.Message):
-    __slots__ = ("prompt_id", "epoch", "sample_id", "generation", "lease_token", "deadline", "conversation", "attempt")
+    __slots__ = ("prompt_id", "epoch", "sample_id", "generation", "lease_token", "deadline", "conversation", "attempt", "generated")
     PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +217,7 @@ class PromptLease(_message.Message):
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_FIELD_NUMBER: _ClassVar[int]
     prompt_id: str
     epoch: int
     sample_id: str
@@ -225,7 +226,8 @@ class PromptLease(_message.Message):
     deadline: _timestamp_pb2.Timestamp
     conversation: _run_pb2.Conversation
     attempt: int
-    def __init__(self, prompt_id: _Optional[str] = ..., epoch: _Optional[int] = ..., sample_id: _Optional[str] = ..., generation: _Optional[int] = ..., lease_token: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., conversation: _Optional[_Union[_run_pb2.Conversation, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
+    generated: _containers.RepeatedCompositeFieldContainer[_common_pb2.GeneratedTurn]
+    def __init__(self, prompt_id: _Optional[str] = ..., epoch: _Optional[int] = ..., sample_id: _Optional[str] = ..., generation: _Optional[int] = ..., lease_token: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., conversation: _Optional[_Union[_run_pb2.Conversation, _Mapping]] = ..., attempt: _Optional[int] = ..., generated: _Optional[_Iterable[_Union[_common_pb2.GeneratedTurn, _Mapping]]] = ...) -> None: ...
 
 class LeasePromptsRequest(_message.Message):
     __slots__ = ("session_id", "max_prompts")

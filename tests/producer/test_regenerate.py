@@ -217,8 +217,8 @@ def test_truncated_turns_drop_their_sample_when_configured(stub, store, engine,
     assert st.prompts["DEAD"] == 3
 
 
-def test_a_lost_sample_is_recaptured_on_the_same_tokens(stub, store, engine,
-                                                        llama_dir: Path) -> None:
+def test_a_lost_sample_is_recaptured_on_the_same_tokens(stub, store, engine, llama_dir: Path,
+                                                        monkeypatch) -> None:
     from services.api import common_pb2
     from services.api import coordinator_pb2 as cpb
 
@@ -233,8 +233,14 @@ def test_a_lost_sample_is_recaptured_on_the_same_tokens(stub, store, engine,
     assert stub.ReportLost(cpb.ReportLostRequest(
         session_id=tid, sample_id=lost, generation=0, reason="test")).recapture
     stub.UnregisterWorker(cpb.UnregisterWorkerRequest(session_id=tid))
-    # Another producer instance (a restart) recaptures it under the next generation.
-    make_producer(stub, store, engine, llama_dir, run).run()
+    # Another producer instance recaptures it under the next generation, from the committed
+    # tokens: it does not generate again.
+    def refuse(*args: Any, **kw: Any) -> list[int]:
+        raise AssertionError("a recapture generated again")
+
+    monkeypatch.setattr(engine, "generate", refuse)
+    again = make_producer(stub, store, engine, llama_dir, run).run()
+    assert again.samples_committed == 1 and again.turns_generated == 0
     samples = {ref.sample_id: (ref, t) for ref, t in read_all_steps(stub, run, store)}
     ref, tensors = samples[lost]
     assert ref.generation == 1
