@@ -82,6 +82,26 @@ def run_config(cfg: run_pb2.RunConfig, vocab: run_pb2.VocabMap) -> None:
         raise InvalidArgument("config.watermark.low_bytes: must be <= high_bytes")
     if cfg.retain == run_pb2.RETAIN_POLICY_UNSPECIFIED:
         raise InvalidArgument("config.retain: RETAIN_POLICY_UNSPECIFIED; use STEP or CHECKPOINT")
+    if cfg.HasField("regenerate"):
+        regenerate(cfg.regenerate)
+
+
+def regenerate(r: run_pb2.RegenerateConfig) -> None:
+    """The generation settings of a run that regenerates its answers (``services.config``)."""
+    if r.mode not in ("greedy", "sample"):
+        raise InvalidArgument(f"config.regenerate.mode: {r.mode!r}; use greedy or sample")
+    if r.on_truncation not in ("keep", "drop"):
+        raise InvalidArgument(
+            f"config.regenerate.on_truncation: {r.on_truncation!r}; use keep or drop")
+    positive(r.max_new_tokens, "config.regenerate.max_new_tokens")
+    if r.mode == "sample":
+        positive(r.temperature, "config.regenerate.temperature")
+        if not 0 < r.top_p <= 1:
+            raise InvalidArgument(f"config.regenerate.top_p: {r.top_p}; must be in (0, 1]")
+        if r.top_k < 0:
+            raise InvalidArgument(f"config.regenerate.top_k: {r.top_k}; must be >= 0")
+    if r.seed < 0:
+        raise InvalidArgument(f"config.regenerate.seed: {r.seed}; must be >= 0")
 
 
 def eagle3_draft(cfg: run_pb2.RunConfig, vocab: run_pb2.VocabMap) -> None:

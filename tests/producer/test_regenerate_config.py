@@ -68,3 +68,24 @@ def test_bad_settings_name_the_field(section: dict[str, Any], message: str, tmp_
     with pytest.raises(ConfigError) as err:
         load_run_config(path)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"mode": "beam"}, "config.regenerate.mode: 'beam'; use greedy or sample"),
+    ({"on_truncation": ""}, "config.regenerate.on_truncation: ''; use keep or drop"),
+    ({"max_new_tokens": 0}, "config.regenerate.max_new_tokens: must be > 0, got 0"),
+    ({"mode": "sample", "temperature": 0}, "config.regenerate.temperature: must be > 0"),
+    ({"mode": "sample", "top_p": 0}, r"config.regenerate.top_p: 0.0; must be in \(0, 1\]"),
+    ({"mode": "sample", "top_k": -1}, "config.regenerate.top_k: -1; must be >= 0"),
+])
+def test_the_coordinator_refuses_bad_settings_sent_on_the_wire(settings: dict[str, Any],
+                                                               message: str) -> None:
+    from coordinator.errors import InvalidArgument
+    from coordinator.validate import regenerate
+    from services.api import run_pb2
+
+    good = {"mode": "greedy", "max_new_tokens": 8, "on_truncation": "keep", "temperature": 1,
+            "top_p": 1}
+    regenerate(run_pb2.RegenerateConfig(**good))
+    with pytest.raises(InvalidArgument, match=message):
+        regenerate(run_pb2.RegenerateConfig(**{**good, **settings}))
