@@ -12,10 +12,13 @@ same run it measures
    preallocated buffers, ``CommitStep`` and freeing of retired tensors after every step;
 
 and prints the mean step time of each (first steps excluded as warm-up), their ratio (goal
-<= 1.05) and the fraction of the Mooncake run's wall time spent waiting for data (goal < 0.02).
+<= 1.05; as throughput, in process / Mooncake >= 0.9 for DFlash) and the fraction of the
+Mooncake run's wall time spent waiting for data (goal < 0.02). ``--algorithm dflash`` or
+``domino`` trains that strategy on its own features (K captured layers, no final state) and also
+prints the bytes per token a sample holds against EAGLE3's at the same hidden size.
 
-    .venv/bin/python bench/bench_trainer.py [--hidden 256 --length 256 --steps 30]
-                                            [--micro-batch 4] [--prefetch 2] [--device cpu]
+    .venv/bin/python bench/bench_trainer.py [--algorithm eagle3|dflash|domino]
+        [--hidden 256 --length 256 --steps 30] [--micro-batch 4] [--prefetch 2] [--device cpu]
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from bench.coordinator_proc import start_coordinator  # noqa: E402
 from producer.vocab import describe_run, run_config_proto  # noqa: E402
 from services.api import common_pb2, coordinator_pb2_grpc  # noqa: E402
 from services.api import coordinator_pb2 as cpb  # noqa: E402
+from services.capture import plan_for  # noqa: E402
 from services.config import RunConfigFile  # noqa: E402
 from services.dataset import parse_line, prompt_id  # noqa: E402
 from services.rpc.client import open_channel  # noqa: E402
@@ -54,27 +58,44 @@ from trainer.steps import InProcessSteps  # noqa: E402
 WARMUP = 3
 
 
-def features_for(n: int, length: int, hidden: int, vocab: int, seed: int = 0
-                 ) -> list[dict[str, torch.Tensor]]:
-    """Random EAGLE3 features (timing does not depend on what they mean)."""
+DFLASH_LAYERS = [1, 3, 5]
+"""Target layers the DFlash-family runs capture (of the bench target's 8)."""
+
+
+def features_for(n: int, length: int, hidden: int, vocab: int, seed: int = 0,
+                 algorithm: str = "eagle3") -> list[dict[str, torch.Tensor]]:
+    """Random features of ``algorithm``'s capture plan (timing does not depend on what they
+    mean)."""
+    plan = plan_for(algorithm, [1, 3, 4] if algorithm == "eagle3" else DFLASH_LAYERS, 8)
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
         seq = length - (i * 7) % (length // 4)
         mask = torch.zeros(seq, dtype=torch.uint8)
         mask[seq // 4:] = 1
-        out.append({
+        sample = {
             "input_ids": torch.randint(0, vocab, (seq,), generator=gen),
             "loss_mask": mask,
-            "aux_hidden_state": torch.randn(seq, 3 * hidden, generator=gen),
-            "hidden_state": torch.randn(seq, hidden, generator=gen),
-        })
+            plan.layers_tensor: torch.randn(seq, len(plan.layer_ids) * hidden, generator=gen),
+        }
+        if plan.final_hidden:
+            sample["hidden_state"] = torch.randn(seq, hidden, generator=gen)
+        out.append(sample)
     return out
+
+
+def bytes_per_token(samples: list[dict[str, torch.Tensor]]) -> float:
+    """Feature-store bytes a captured token costs (every tensor of the sample)."""
+    nbytes = sum(t.numel() * t.element_size() for s in samples for t in s.values())
+    return nbytes / sum(int(s["input_ids"].numel()) for s in samples)
 
 
 def feed(stub: object, store: object, run: cpb.Run, by_prompt: dict[str, dict[str, torch.Tensor]],
          stop: threading.Event) -> None:
     """A producer that outpaces the trainer: lease, write, commit, as fast as it can."""
+    cap = run.config.capture
+    plan = plan_for(run.config.draft.algorithm, list(cap.aux_layer_ids),
+                    run.config.target.num_layers).to_proto()
     session = stub.RegisterWorker(cpb.RegisterWorkerRequest(  # type: ignore[attr-defined]
         run_id=run.run_id, role=common_pb2.WORKER_ROLE_PRODUCER, fingerprint=run.fingerprint,
         identity="bench-feeder")).session_id
@@ -90,7 +111,7 @@ def feed(stub: object, store: object, run: cpb.Run, by_prompt: dict[str, dict[st
             commits.append(cpb.SampleCommit(lease_token=le.lease_token, ref=common_pb2.SampleRef(
                 run_id=run.run_id, sample_id=le.sample_id, prompt_id=le.prompt_id,
                 epoch=le.epoch, generation=le.generation, store=store.store_id,  # type: ignore[attr-defined]
-                tensors=specs, num_tokens=int(feats["input_ids"].numel()))))
+                tensors=specs, num_tokens=int(feats["input_ids"].numel()), capture=plan)))
         if commits:
             stub.CommitSamples(cpb.CommitSamplesRequest(  # type: ignore[attr-defined]
                 session_id=session, samples=commits))
@@ -108,6 +129,7 @@ def timing(timeline: list[tuple[float, float]]) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--algorithm", choices=["eagle3", "dflash", "domino"], default="eagle3")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--steps", type=int, default=30)
@@ -124,11 +146,18 @@ def main() -> None:
     rows = DEFAULT_DATASET.read_text().splitlines()[:n]
     if len(rows) < n:
         raise SystemExit(f"the example dataset has {len(rows)} rows; lower --steps")
+    draft: dict[str, object] = {"algorithm": args.algorithm}
+    if args.algorithm == "eagle3":
+        draft.update(draft_vocab_size=512, ttt_length=7)
+    else:
+        draft["dflash"] = {"num_hidden_layers": 1, "target_layer_ids": DFLASH_LAYERS,
+                           "block_size": 16, "num_anchors": 64, "loss_decay_gamma": 7.0}
+    if args.algorithm == "domino":
+        draft["domino"] = {"emb_dim": 64, "gru_hidden_dim": 64}
     cfg = RunConfigFile.model_validate({
         "run_id": "bench", "dataset": "conversations.jsonl", "epochs": 1,
         "target": {"model_path": str(target), "revision": "bench"},
-        "capture": {"max_length": args.length}, "draft": {"draft_vocab_size": 512,
-                                                          "ttt_length": 7},
+        "capture": {"max_length": args.length}, "draft": draft,
         "step": {"world_size": 1, "micro_batch": args.micro_batch, "accumulation": 1},
         "training": {"learning_rate": 1e-3, "checkpoint_every": 10 * args.steps,
                      "max_grad_norm": 0.5},
@@ -136,7 +165,8 @@ def main() -> None:
         "watermark": {"high_samples": 0, "low_samples": 0},
     })
     facts = describe_run(target, cfg, rows)
-    samples = features_for(n, args.length, args.hidden, facts.vocab_size)
+    samples = features_for(n, args.length, args.hidden, facts.vocab_size,
+                           algorithm=args.algorithm)
     by_prompt = {prompt_id(parse_line(r)): s for r, s in zip(rows, samples, strict=True)}
 
     master = start_master(log_path=work / "master.log")
@@ -191,8 +221,15 @@ def main() -> None:
               "(goal <= 1.05)")
         print("step time over compute, Mooncake / in process (drift-free): "
               f"{(through[0] / through[1]) / (base[0] / base[1]):.3f}")
+        print(f"throughput, Mooncake / in process: {base[0] / through[0]:.3f} (goal >= 0.9)")
         print(f"data wait           {st.data_wait_seconds:8.3f} s of {wall:.2f} s wall = "
               f"{100 * st.data_wait_fraction:.2f} % (goal < 2 %)")
+        if args.algorithm != "eagle3":
+            eagle3 = bytes_per_token(features_for(n, args.length, args.hidden,
+                                                  facts.vocab_size))
+            mine = bytes_per_token(samples)
+            print(f"bytes per token: {args.algorithm} {mine:.0f}, eagle3 {eagle3:.0f} "
+                  f"({len(DFLASH_LAYERS)} layers vs 3 aux + final; ratio {mine / eagle3:.3f})")
     finally:
         stop.set()
         writer.close()
