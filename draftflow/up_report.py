@@ -173,8 +173,9 @@ class Summary:
                           f"{last})")
             table.add_row("acceptance length", f"{t.acceptance_length:.2f} tokens per "
                           f"verification (simulated; 1.00 = draft never accepted)")
-            table.add_row("chance", f"{self.chance_accuracy:.4f} top-1 (uniform over the draft "
-                          "vocabulary)")
+            vocabulary = "draft" if self.algorithm == "eagle3" else "target"
+            table.add_row("chance", f"{self.chance_accuracy:.4f} top-1 (uniform over the "
+                          f"{vocabulary} vocabulary)")
             for key, value in sorted(t.extras.items()):
                 table.add_row(key.replace("_", " "), f"{value:.3f}")
             if t.majority_accuracy:
