@@ -257,3 +257,16 @@ def _peek(stub, run, store, session_id: str) -> list:
     msg = next(stream)
     stream.cancel()
     return [(ref, store.get_sample(ref.tensors)) for ref in msg.refs]
+
+
+def test_a_producer_whose_engine_cannot_generate_is_refused(stub, store, llama_dir: Path) -> None:
+    from types import SimpleNamespace
+
+    from producer.engines.sglang import SGLangEngine
+
+    assert SGLangEngine._generate is CaptureEngine._generate  # SGLang generation: not yet
+    run = create_run(stub, llama_dir, lines(2), regenerate={})
+    sglang = SimpleNamespace(name="sglang", can_generate=False)
+    with pytest.raises(EngineError, match="the sglang engine cannot do; run the producer with "
+                                          "--engine hf"):
+        make_producer(stub, store, sglang, llama_dir, run)  # type: ignore[arg-type]
