@@ -31,10 +31,10 @@ def test_a_step_commit_waits_out_a_coordinator_restart(tiny, coordinator, stub, 
                          tmp_path / "out", export=False, prefetch=1)
     commit = runner.session.commit_step
 
-    def commit_after_outage(step: int, loss: float):  # type: ignore[no-untyped-def]
+    def commit_after_outage(step: int, loss: float, metrics=None):  # type: ignore[no-untyped-def]
         if step == 2:
             coordinator.stop(grace=0)  # the commit of step 2 meets a coordinator that is gone
-        return commit(step, loss)
+        return commit(step, loss, metrics)
 
     runner.session.commit_step = commit_after_outage  # type: ignore[method-assign]
     retries = RetryCounter()
@@ -73,7 +73,7 @@ def test_a_failed_step_commit_stops_training_at_once(tiny, coordinator, stub, ma
     runner = make_runner(coordinator, "refused", store_url(master, "refused", buffer_mb=16),
                          tmp_path / "out", export=False, prefetch=1)
 
-    def refused(step: int, loss: float):  # type: ignore[no-untyped-def]
+    def refused(step: int, loss: float, metrics=None):  # type: ignore[no-untyped-def]
         raise RuntimeError(f"step {step} refused")
 
     runner.session.commit_step = refused  # type: ignore[method-assign]
