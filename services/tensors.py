@@ -45,7 +45,7 @@ def sample_prefix(store_id: str, run_id: str, sample_id: str) -> str:
 
 
 def make_key(store_id: str, run_id: str, sample_id: str, generation: int, name: str) -> str:
-    """The feature-store key of one tensor (DESIGN.md section 7)."""
+    """The feature-store key of one tensor: ``{store}/{run}/{sample}/g{generation}/{name}``."""
     return f"{sample_prefix(store_id, run_id, sample_id)}g{generation}/{name}"
 
 

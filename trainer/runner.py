@@ -1,6 +1,6 @@
 """A coordinator-driven training run on one rank: register, resume, train, commit, export.
 
-The step protocol (DESIGN.md section 5): after each optimizer step the ranks agree (one small
+The step protocol: after each optimizer step the ranks agree (one small
 all-reduce, which also carries checkpoint requests), then rank 0 commits the step and frees the
 tensors the coordinator retires. Every ``checkpoint_every`` steps, and at the end, a checkpoint is
 written atomically and then committed. On start the coordinator's last committed checkpoint is

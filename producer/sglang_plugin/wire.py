@@ -49,7 +49,7 @@ class WireError(ValueError):
 
 @dataclass(frozen=True)
 class CaptureTarget:
-    """Where one prompt's features go: the key prefix of DESIGN.md section 7."""
+    """Where one prompt's features go: the key prefix of ``services.tensors.make_key``."""
 
     store_id: str
     run_id: str

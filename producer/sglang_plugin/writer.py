@@ -60,7 +60,7 @@ class BatchWriteFailed(Exception):
 
 
 def batch_keys(store_id: str, samples: Sequence[SampleWrite]) -> list[str]:
-    """Every key the batch writes (DESIGN.md section 7)."""
+    """Every key the batch writes (``services.tensors.make_key``)."""
     return [
         make_key(store_id, s.run_id, s.sample_id, s.generation, name)
         for s in samples
