@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,3 +29,19 @@ def make_trainer(tiny, geometry: Geometry | None = None, checkpoint_dir: Path | 
 def trainable_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     model = getattr(trainer.model, "module", trainer.model)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def run_rank(body: Callable[[], None]) -> None:
+    """Run a spawned rank's ``body``, then leave the process at once.
+
+    A DDP reducer and its gloo process group torn down at interpreter exit can deadlock (a gloo
+    thread waits for the GIL the destructor holds), so the rank skips Python's teardown: it
+    exits 0 after ``body`` and 1 after printing its traceback."""
+    code = 1
+    try:
+        body()
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)

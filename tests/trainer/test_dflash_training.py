@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 from services.store import open_store
 from tests.trainer.coordinated import store_url
+from tests.trainer.helpers import run_rank
 from trainer.config import TrainerConfig
 from trainer.loop import Trainer, build_trainer
 from trainer.parallel import DistContext, Mode, init_distributed
@@ -93,8 +94,9 @@ def test_mooncake_features_train_bit_identically(tiny, master, algorithm: str) -
 def _rank_main(rank: int, tiny, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    ctx = init_distributed("cpu", timeout_s=120, init_method=f"file://{out}/rendezvous")
-    try:
+
+    def body() -> None:
+        ctx = init_distributed("cpu", timeout_s=120, init_method=f"file://{out}/rendezvous")
         geo = Geometry(2, 1, 2)
         trainer = make(tiny, "dflash", geo, dist_ctx=ctx, parallel="ddp")
         metrics: list[dict] = []
@@ -104,8 +106,9 @@ def _rank_main(rank: int, tiny, out: str) -> None:
             torch.save({"losses": [m["loss"] for m in metrics],
                         "accept": [m["acceptance_length"] for m in metrics]},
                        Path(out) / "rank0.pt")
-    finally:
-        dist.destroy_process_group()
+        dist.barrier()
+
+    run_rank(body)
 
 
 def test_two_ranks_match_one(tiny, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.trainer.helpers import make_trainer, trainable_state
+from tests.trainer.helpers import make_trainer, run_rank, trainable_state
 from trainer.parallel import init_distributed
 from trainer.steps import Geometry, InProcessSteps
 
@@ -20,9 +20,10 @@ STEPS = 3
 def _rank_main(rank: int, mode: str, tiny, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    # A file rendezvous: no port to race for on a shared machine.
-    ctx = init_distributed("cpu", timeout_s=120, init_method=f"file://{out}/rendezvous")
-    try:
+
+    def body() -> None:
+        # A file rendezvous: no port to race for on a shared machine.
+        ctx = init_distributed("cpu", timeout_s=120, init_method=f"file://{out}/rendezvous")
         geo = Geometry(2, 1, 2)
         trainer = make_trainer(tiny, geometry=geo, dist_ctx=ctx, parallel=mode,
                                checkpoint_dir=Path(out) / "ck", checkpoint_every=STEPS)
@@ -31,8 +32,9 @@ def _rank_main(rank: int, mode: str, tiny, out: str) -> None:
                     on_step=lambda _s, m: metrics.append(m["loss"]))
         if rank == 0:
             torch.save({"losses": metrics}, Path(out) / "rank0.pt")
-    finally:
-        dist.destroy_process_group()
+        dist.barrier()
+
+    run_rank(body)
 
 
 def test_two_ranks_match_one(tiny, tmp_path: Path) -> None:
