@@ -16,6 +16,7 @@ from services.capture import (
     CapturePlanError,
     plan_for,
 )
+from services.config import MAX_EPOCHS
 from services.errors import InvalidArgument
 from services.fingerprint import vocab_map_hash
 from services.tensors import validate_specs
@@ -257,7 +258,6 @@ def ref_mismatch(ref: common_pb2.SampleRef, cfg: run_pb2.RunConfig) -> str | Non
 # coordinator's memory or holds the database's write lock for long; they are documented in
 # README.md ("Limits"), and a test holds each one.
 
-MAX_EPOCHS = 1000
 MAX_SAMPLES_PER_RUN = 2_000_000
 """Prompts x epochs: every sample row is created with the run (in short transactions)."""
 MAX_LENGTH = 1 << 20

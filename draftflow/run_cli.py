@@ -98,6 +98,21 @@ def run_model_path(config_path: str | Path, model_path: str) -> str:
     return os.path.normpath(Path(config_path).absolute().parent / model_path)
 
 
+def read_dataset_lines(dataset: Path) -> list[str]:
+    """The dataset's lines; a line that is not UTF-8 is refused with its number and what to do
+    (the gRPC API carries text, so such a line cannot even reach the coordinator)."""
+    lines = []
+    for number, raw in enumerate(dataset.read_bytes().splitlines(), start=1):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise SystemExit(
+                f"error: {dataset} line {number} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} "
+                f"at column {exc.start + 1}); re-encode the file as UTF-8 or remove the line"
+            ) from None
+    return lines
+
+
 def create_run_request(config_path: str | Path, model_path: str | Path | None = None) -> Any:
     """Build a ``CreateRunRequest`` from a config file, reading the target and dataset here."""
     from producer.vocab import describe_run, run_config_proto
@@ -109,7 +124,7 @@ def create_run_request(config_path: str | Path, model_path: str | Path | None = 
     dataset = cfg.dataset_path(config_path)
     if not dataset.is_file():
         raise SystemExit(f"error: dataset {dataset} does not exist (config field 'dataset')")
-    lines = dataset.read_text().splitlines()
+    lines = read_dataset_lines(dataset)
     facts = describe_run(model_path or cfg.model_path(config_path), cfg, lines)
     config = run_config_proto(cfg, facts, run_model_path(config_path, cfg.target.model_path))
     return cpb.CreateRunRequest(run_id=cfg.run_id, config=config, dataset_lines=lines,

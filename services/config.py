@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from services.api import run_pb2
 from services.capture import CapturePlanError, default_layer_ids, validate_layer_ids
 
+MAX_EPOCHS = 1000
+"""Most epochs a run may have; the coordinator refuses more (README "Limits")."""
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
@@ -224,8 +227,8 @@ class RunConfigFile(_Section):
     """Name of the run: letters, digits, '_', '.', '-'; used in store keys."""
     dataset: str
     """JSONL file of ShareGPT-style conversations; relative paths are relative to the config."""
-    epochs: int = Field(1, gt=0)
-    """Passes over the dataset; each prompt is captured once per epoch."""
+    epochs: int = Field(1, gt=0, le=MAX_EPOCHS)
+    """Passes over the dataset (at most 1000); each prompt is captured once per epoch."""
     retain: Literal["step", "checkpoint"] = "step"
     """Free a sample's tensors when its step is committed, or when a checkpoint covers it."""
     target: TargetSection

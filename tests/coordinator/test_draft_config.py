@@ -116,3 +116,21 @@ def test_server_refuses_a_vocabulary_map_for_dflash() -> None:
 def test_default_target_layer_ids(n: int, d: int, ids: list[int]) -> None:
     assert build_target_layer_ids(n, d) == ids
     assert plan_for("dflash", ids, n).tensors == ("input_ids", "loss_mask", "hidden_states")
+
+
+def test_yaml_refuses_more_epochs_than_a_run_may_have(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(_yaml({"algorithm": "eagle3"}, epochs=99_999_999_999)))
+    with pytest.raises(ConfigError, match="epochs: Input should be less than or equal to 1000"):
+        load_run_config(path)
+
+
+def test_a_dataset_line_that_is_not_utf8_is_refused_with_its_number(tmp_path: Path) -> None:
+    from draftflow.run_cli import read_dataset_lines
+
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b'{"a": 1}\n{"b": "\xff"}\n')
+    with pytest.raises(SystemExit, match=r"line 2 is not valid UTF-8 \(byte 0xff at column 8\)"):
+        read_dataset_lines(data)
+    data.write_bytes(b'{"a": 1}\r\n{"b": "\xc3\xa9"}\n')
+    assert read_dataset_lines(data) == ['{"a": 1}', '{"b": "\u00e9"}']
