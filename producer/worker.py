@@ -464,7 +464,7 @@ class Producer:
     def _write(self, it: _Item) -> bool:
         lease = it.lease
         with self._lock:
-            if lease.sample_id not in self._in_flight:
+            if self._in_flight.get(lease.sample_id) is not it:
                 return False  # the keeper found the lease gone while we captured
         delay = self._cfg.store_full_backoff_s
         wait = self._cfg.store_full_wait_s
@@ -624,7 +624,11 @@ class Producer:
     def _forget(self, items: list[_Item]) -> list[_Item]:
         """Drop items from the in-flight set; return those that were still in it."""
         with self._lock:
-            gone = [it for it in items if self._in_flight.pop(it.lease.sample_id, None)]
+            # By identity: once a lease ends, the same sample may already be leased again (a
+            # retry) under a new item, which must stay.
+            gone = [it for it in items if self._in_flight.get(it.lease.sample_id) is it]
+            for it in gone:
+                del self._in_flight[it.lease.sample_id]
             self.stats.in_flight = len(self._in_flight)
         return gone
 
