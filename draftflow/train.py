@@ -31,18 +31,10 @@ from typing import IO, Any
 import grpc
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from draftflow.inproc import InProcessCoordinatorStub, InProcessSession
 from draftflow.paths import DEFAULT_CONFIG, DEFAULT_WORKDIR
-from draftflow.up_report import Summary, TrainerWatch, final_figures
+from draftflow.up_report import RunProgress, Summary, TrainerWatch, final_figures
 from services.api import common_pb2
 from services.api import coordinator_pb2 as cpb
 from services.logs import event
@@ -375,21 +367,11 @@ def _train(opts: TrainOptions, config: Path, work: Path, db: Path, console: Cons
 def _follow(stub: InProcessCoordinatorStub, run_id: str, training: _Thread, capture: _Thread,
             watch: TrainerWatch, console: Console, show: bool) -> None:
     """Progress until training ends; a capture failure stops the run."""
-    columns = (TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not show) as progress:
-        cap = progress.add_task("capture", total=None, rate="")
-        train = progress.add_task("train", total=None, rate="")
+    with RunProgress(console, show) as progress:
         while training.is_alive():
             status = stub.GetRunStatus(cpb.GetRunStatusRequest(run_id=run_id)).status
             watch.poll()
-            total = sum(status.prompts.values()) - status.prompts["DEAD"]
-            progress.update(cap, total=total, completed=status.prompts["CAPTURED"],
-                            rate=f"{status.samples_committed_per_second:6.1f} samples/s")
-            progress.update(train, total=status.total_steps_estimate or None,
-                            completed=status.last_committed_step,
-                            rate=f"{status.steps_committed_per_second:6.2f} steps/s  "
-                                 f"loss {status.last_step_loss:.3f}")
+            progress.show(status)
             if capture.error is not None:
                 raise TrainError(f"capture failed: {capture.error}") from capture.error
             training.join(0.25)

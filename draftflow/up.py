@@ -21,20 +21,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from draftflow.paths import DEFAULT_CONFIG, DEFAULT_WORKDIR, EXAMPLES
 from draftflow.report import REPORT_FILE, write_report
 from draftflow.runtime_env import thread_env
 from draftflow.stack import Child, Stack
-from draftflow.up_report import Summary, TrainerWatch, final_figures
+from draftflow.up_report import RunProgress, Summary, TrainerWatch, final_figures
 from services.api import coordinator_pb2 as cpb
 from services.api import coordinator_pb2_grpc
 from services.logs import event
@@ -301,22 +293,12 @@ def _create_run(stub: Any, config: Path, model_path: Path) -> cpb.Run:
 
 def _follow(stub: Any, run_id: str, stack: Stack, trainer: Child, watch: TrainerWatch,
             console: Console, timeout_s: float, started: float) -> cpb.RunStatus:
-    columns = (TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
-        capture = progress.add_task("capture", total=None, rate="")
-        train = progress.add_task("train", total=None, rate="")
+    with RunProgress(console) as progress:
         while True:
             status = stub.GetRunStatus(cpb.GetRunStatusRequest(run_id=run_id)).status
             if trainer.alive():
                 watch.poll()
-            total = sum(status.prompts.values()) - status.prompts["DEAD"]
-            progress.update(capture, total=total, completed=status.prompts["CAPTURED"],
-                            rate=f"{status.samples_committed_per_second:6.1f} samples/s")
-            progress.update(train, total=status.total_steps_estimate or None,
-                            completed=status.last_committed_step,
-                            rate=f"{status.steps_committed_per_second:6.2f} steps/s  "
-                                 f"loss {status.last_step_loss:.3f}")
+            progress.show(status)
             if status.state == cpb.RUN_STATE_COMPLETED and not trainer.alive():
                 return status
             if status.state == cpb.RUN_STATE_CANCELLED:

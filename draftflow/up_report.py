@@ -16,6 +16,15 @@ from pathlib import Path
 
 import grpc
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from services.api import coordinator_pb2 as cpb
@@ -208,3 +217,35 @@ def _extra_metrics(table: Table, path: Path) -> None:
             table.add_row(key.replace("_", " "), f"{value:.4g}")
         elif isinstance(value, list) and all(isinstance(v, float | int) for v in value):
             table.add_row(key.replace("_", " "), "  ".join(f"{v:.3f}" for v in value))
+
+
+class RunProgress:
+    """The capture and train bars both ``draftflow up`` and ``draftflow train`` show, fed from
+    the coordinator's run status."""
+
+    def __init__(self, console: Console, show: bool = True) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=console, disable=not show)
+        self._capture: TaskID | None = None
+        self._train: TaskID | None = None
+
+    def __enter__(self) -> RunProgress:
+        self.progress.__enter__()
+        self._capture = self.progress.add_task("capture", total=None, rate="")
+        self._train = self.progress.add_task("train", total=None, rate="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)  # type: ignore[arg-type]
+
+    def show(self, status: cpb.RunStatus) -> None:
+        assert self._capture is not None and self._train is not None
+        total = sum(status.prompts.values()) - status.prompts["DEAD"]
+        self.progress.update(self._capture, total=total, completed=status.prompts["CAPTURED"],
+                             rate=f"{status.samples_committed_per_second:6.1f} samples/s")
+        self.progress.update(self._train, total=status.total_steps_estimate or None,
+                             completed=status.last_committed_step,
+                             rate=f"{status.steps_committed_per_second:6.2f} steps/s  "
+                                  f"loss {status.last_step_loss:.3f}")
